@@ -1,0 +1,110 @@
+"""Prioritizer: prompt-free gaps and per-pair priorities, beside the RM learners.
+
+The actor keeps its own copy of the reward model, refreshed from a learner weight
+snapshot every `refresh_every` steps, and scores the coming batches while the
+learners train on the current one. For each pair (x_k, y_c, y_r) it scores the
+cross pairs (x_i, y_c), (x_i, y_r) for the pair's own prompt and M−1 other
+prompts of the batch, solves for the prompt-free gap Δr2 (algos/decomposition.py)
+and turns gaps into priorities (small gap → high priority).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from r2m_ray.algos.decomposition import priorities, prompt_free_gap, prompt_related_gap
+from r2m_ray.config import PrioritizerConfig
+
+
+def split_prompt_response(input_ids: list[int], response_mask: list[int]) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt part and of the response part of one encoded sequence."""
+    prompt = [t for t, m in zip(input_ids, response_mask) if not m]
+    response = [t for t, m in zip(input_ids, response_mask) if m]
+    return prompt, response
+
+
+def cross_prompt_indices(n: int, m: int, generator: torch.Generator) -> torch.Tensor:
+    """[n, m] prompt indices: column 0 is the pair's own prompt, the rest other pairs' prompts."""
+    if n < 2:
+        raise ValueError("prompt-free gaps need at least 2 pairs in a batch (other prompts to compare)")
+    m = min(m, n)
+    idx = torch.empty(n, m, dtype=torch.long)
+    for k in range(n):
+        others = torch.randperm(n - 1, generator=generator)[: m - 1]
+        others = others + (others >= k).long()  # skip k itself
+        idx[k, 0] = k
+        idx[k, 1:] = others
+    return idx
+
+
+def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask (the reward is read at the last real token)."""
+    tensors = [torch.tensor(s, dtype=torch.long) for s in seqs]
+    ids = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=pad_id, padding_side="left")
+    attn = torch.nn.utils.rnn.pad_sequence([torch.ones_like(t) for t in tensors], batch_first=True,
+                                           padding_value=0, padding_side="left")
+    return ids, attn
+
+
+@ray.remote
+class Prioritizer:
+    """Holds a recent reward-model copy; returns prompt-free gaps and priorities per batch."""
+
+    def __init__(self, cfg_json: str, model_dir: str, pad_token_id: int, max_length: int, seed: int,
+                 torch_threads: int = 1) -> None:
+        from r2m_ray.models.config import ModelConfig
+        from r2m_ray.models.reward_model import RewardModel
+
+        torch.set_num_threads(torch_threads)
+        payload = json.loads(cfg_json)
+        self.cfg = PrioritizerConfig.model_validate(payload["rm"]["prioritizer"])
+        model_cfg = ModelConfig.model_validate(payload["model"])
+        self.eval_batch = int(payload["rm"]["eval_batch_size"])
+        self.model = RewardModel.from_backbone_dir(Path(model_dir), value_head=model_cfg.value_head,
+                                                   head_hidden=model_cfg.head_hidden,
+                                                   head_dropout=model_cfg.head_dropout, seed=seed).eval()
+        self.pad_id = pad_token_id
+        self.max_length = max_length
+        self.generator = torch.Generator().manual_seed(seed)
+        self.version = -1
+
+    def refresh(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
+        """Load a learner snapshot (passed as an ObjectRef, resolved by Ray)."""
+        self.model.load_state_dict(state_dict)
+        self.version = version
+        return version
+
+    @torch.no_grad()
+    def _rewards(self, seqs: list[list[int]]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(seqs), self.eval_batch):
+            ids, attn = pad_left(seqs[i:i + self.eval_batch], self.pad_id)
+            out.append(self.model(ids, attn).rewards.float())
+        return torch.cat(out)
+
+    def score(self, rows: dict[str, list[list[int]]]) -> dict[str, Any]:
+        """Δr2, Δr1 and priorities for one batch of encoded pairs (column lists)."""
+        chosen = [split_prompt_response(i, m) for i, m in zip(rows["chosen_input_ids"], rows["chosen_response_mask"])]
+        rejected = [split_prompt_response(i, m) for i, m in zip(rows["rejected_input_ids"],
+                                                                rows["rejected_response_mask"])]
+        n = len(chosen)
+        idx = cross_prompt_indices(n, self.cfg.num_prompts, self.generator)
+        seqs: list[list[int]] = []
+        for k in range(n):
+            for i in idx[k].tolist():
+                prompt = chosen[i][0]
+                for response in (chosen[k][1], rejected[k][1]):
+                    # keep the response whole; drop the oldest prompt tokens if the cross pair is too long
+                    room = max(1, self.max_length - len(response))
+                    seqs.append(prompt[-room:] + response)
+        r = self._rewards(seqs).view(n, idx.shape[1], 2)
+        d = r[..., 0] - r[..., 1]
+        delta_r2 = prompt_free_gap(d)
+        return {"delta_r2": delta_r2, "delta_r1": prompt_related_gap(d[:, 0], delta_r2),
+                "priorities": priorities(delta_r2, tau=self.cfg.tau), "version": self.version,
+                "sequences_scored": len(seqs)}

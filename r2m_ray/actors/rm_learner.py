@@ -1,0 +1,228 @@
+"""RMLearner: one DeepSpeed data-parallel rank of the reward-model learner group.
+
+Each rank is a Ray actor owning a RewardModel wrapped by a DeepSpeed engine (ZeRO
+stage from config; gloo on CPU, NCCL on GPU). The loss is BT (or a baseline) plus
+the GRM regulariser, computed on ONE forward pass of chosen+rejected: the value
+head and the LM head read the same final hidden states.
+`RMLearnerGroup` is the driver-side handle: it creates rank 0 first, reads its
+address and a free port, starts the other ranks, and slices each batch per rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from r2m_ray.algos.bt import bt_loss, label_smoothing_loss, margin_loss, pairwise_accuracy
+from r2m_ray.algos.grm import grm_loss, grm_regulariser
+from r2m_ray.config import DeepSpeedConfig, OptimConfig, RMConfig
+from r2m_ray.data.tokenize import stack_pair_batch
+from r2m_ray.ray_setup import check_resources
+
+
+def deepspeed_config(ds: DeepSpeedConfig, optim: OptimConfig, micro_batch: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config for one learner group."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage},
+        # torch's AdamW is passed as a client optimizer: DeepSpeed's fused/CPU Adam
+        # would compile for minutes on a CPU box and is no faster here.
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": ds.bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the configured lr, then constant."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+
+
+def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, backend: str) -> str:
+    """Set the torch.distributed environment and let DeepSpeed create the process group."""
+    import deepspeed
+
+    os.environ.update({"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return backend
+
+
+def reward_losses(cfg: RMConfig, r_c: torch.Tensor, r_r: torch.Tensor, batch: dict[str, torch.Tensor],
+                  seq_logps: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The configured reward loss (+ GRM regulariser) on one batch's rewards."""
+    weights = batch.get("weight")
+    if cfg.loss == "bt":
+        reward_loss = bt_loss(r_c, r_r, weights=weights)
+    elif cfg.loss == "margin":
+        margin = batch[cfg.margin_column] if cfg.margin_column else cfg.margin
+        reward_loss = margin_loss(r_c, r_r, margin, weights=weights)
+    else:
+        reward_loss = label_smoothing_loss(r_c, r_r, eps=cfg.label_smoothing, weights=weights)
+    stats = {"reward_loss": reward_loss.item(), "accuracy": pairwise_accuracy(r_c.detach(), r_r.detach()),
+             "reward_margin": (r_c - r_r).mean().item()}
+    if cfg.grm.regulariser == "none":
+        return reward_loss, stats
+    n = r_c.shape[0]
+    reg = grm_regulariser(cfg.grm.regulariser, seq_logps[:n], seq_logps[n:], batch.get("ref_logp_c"),
+                          batch.get("ref_logp_r"), beta=cfg.grm.beta, weights=weights)
+    stats["reg_loss"] = reg.item()
+    stats["logp_chosen"] = seq_logps[:n].mean().item()
+    return grm_loss(reward_loss, reg, alpha=cfg.grm.alpha), stats
+
+
+@ray.remote
+class RMLearner:
+    """One rank: RewardModel + DeepSpeed engine; trains on the slices it is handed."""
+
+    def __init__(self, rank: int, world_size: int, torch_threads: int) -> None:
+        torch.set_num_threads(torch_threads)
+        self.rank = rank
+        self.world_size = world_size
+        self.engine = None
+
+    def address(self) -> tuple[str, int]:
+        """Rank 0's node address and a free port for the process group."""
+        from r2m_ray.ray_setup import free_port, node_ip
+
+        ip = node_ip()
+        return ip, free_port(ip)
+
+    def init(self, cfg_json: str, model_dir: str, master_addr: str, master_port: int, seed: int) -> dict[str, Any]:
+        """Build the model (same seed on every rank) and the DeepSpeed engine."""
+        import deepspeed
+
+        from r2m_ray.config import RMConfig as _RM
+        from r2m_ray.models.config import ModelConfig
+        from r2m_ray.models.reward_model import RewardModel
+
+        payload = json.loads(cfg_json)
+        self.cfg = _RM.model_validate(payload["rm"])
+        model_cfg = ModelConfig.model_validate(payload["model"])
+        backend = init_distributed(self.rank, self.world_size, master_addr, master_port, self.cfg.deepspeed.backend)
+        torch.manual_seed(seed)
+        model = RewardModel.from_backbone_dir(Path(model_dir), value_head=model_cfg.value_head,
+                                              head_hidden=model_cfg.head_hidden,
+                                              head_dropout=model_cfg.head_dropout, seed=seed)
+        if self.cfg.freeze_backbone:
+            model.freeze_backbone()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optim = torch.optim.AdamW(params, lr=self.cfg.optim.lr, betas=self.cfg.optim.betas,
+                                  weight_decay=self.cfg.optim.weight_decay)
+        micro = max(1, self.cfg.batch_size // self.world_size)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optim, lr_scheduler=warmup_schedule(optim, self.cfg.optim.warmup_steps),
+            config=deepspeed_config(self.cfg.deepspeed, self.cfg.optim, micro))
+        return {"rank": self.rank, "backend": backend, "trainable_params": sum(p.numel() for p in params)}
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One optimiser step on this rank's slice; gradients are averaged by DeepSpeed."""
+        self.engine.train()
+        ids, attn, resp = stack_pair_batch(batch)
+        need_logps = self.cfg.grm.regulariser != "none"
+        out = self.engine(ids, attn, response_mask=resp if need_logps else None)
+        n = batch["chosen_input_ids"].shape[0]
+        loss, stats = reward_losses(self.cfg, out.rewards[:n], out.rewards[n:], batch, out.seq_logps)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"rank {self.rank}: non-finite RM loss {loss.item()} ({stats})")
+        self.engine.backward(loss)
+        self.engine.step()
+        stats["loss"] = loss.item()
+        stats["lr"] = self.scheduler.get_last_lr()[0]
+        stats["pairs"] = n
+        return stats
+
+    @torch.no_grad()
+    def rewards(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Rewards of chosen and rejected (eval mode)."""
+        self.engine.eval()
+        ids, attn, _ = stack_pair_batch(batch)
+        r = self.engine(ids, attn).rewards.float()
+        n = batch["chosen_input_ids"].shape[0]
+        return {"chosen": r[:n], "rejected": r[n:]}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full CPU weights (gathered under ZeRO-3): snapshot for the prioritiser and checkpoints."""
+        module = self.engine.module
+        if self.cfg.deepspeed.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+    def save(self, path: str, tokenizer_dir: str | None = None) -> str:
+        """Rank 0 writes the RewardModel (safetensors) — other ranks hold identical weights."""
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else None
+        if self.cfg.deepspeed.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None):
+                self.engine.module.save_pretrained(path, tokenizer=tok)
+        else:
+            self.engine.module.save_pretrained(path, tokenizer=tok)
+        return path
+
+    def checksum(self) -> float:
+        """Sum of |weights|: the test that ranks stay identical."""
+        return float(sum(v.double().abs().sum() for v in self.state_dict().values()))
+
+
+class RMLearnerGroup:
+    """Driver-side handle of `ranks` RMLearner actors forming one DeepSpeed group."""
+
+    def __init__(self, cfg_json: str, rm: RMConfig, model_dir: Path, seed: int) -> None:
+        ds = rm.deepspeed
+        threads = ds.torch_threads or max(1, int(ds.num_cpus_per_rank))
+        opts = {"num_cpus": ds.num_cpus_per_rank, "num_gpus": ds.num_gpus_per_rank}
+        self.world_size = ds.ranks
+        check_resources("rm.deepspeed (RMLearner ranks)", ds.ranks, ds.num_cpus_per_rank, ds.num_gpus_per_rank)
+        self.actors = [RMLearner.options(**opts).remote(0, ds.ranks, threads)]
+        master_addr, master_port = ray.get(self.actors[0].address.remote())
+        self.actors += [RMLearner.options(**opts).remote(r, ds.ranks, threads) for r in range(1, ds.ranks)]
+        self.init_info = ray.get([a.init.remote(cfg_json, str(model_dir), master_addr, master_port, seed)
+                                  for a in self.actors])
+
+    def _slices(self, batch: dict[str, torch.Tensor]) -> list[ray.ObjectRef]:
+        """Split a batch by rows into one ObjectRef per rank (put once, passed by ref)."""
+        n = batch["chosen_input_ids"].shape[0]
+        if n < self.world_size:
+            raise ValueError(f"batch of {n} pairs cannot be split over {self.world_size} ranks")
+        bounds = torch.linspace(0, n, self.world_size + 1).round().long().tolist()
+        return [ray.put({k: v[bounds[i]:bounds[i + 1]] for k, v in batch.items()}) for i in range(self.world_size)]
+
+    def train_step_async(self, batch: dict[str, torch.Tensor]) -> list[ray.ObjectRef]:
+        """Start a step on every rank; returns their metric refs."""
+        return [a.train_step.remote(ref) for a, ref in zip(self.actors, self._slices(batch))]
+
+    @staticmethod
+    def reduce_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+        """Pair-weighted mean of per-rank metrics; pairs summed."""
+        total = sum(m["pairs"] for m in per_rank)
+        out = {k: sum(m[k] * m["pairs"] for m in per_rank) / total for k in per_rank[0] if k != "pairs"}
+        out["pairs"] = total
+        return out
+
+    def state_dict_ref(self) -> ray.ObjectRef:
+        """A ref to rank 0's full weights (the object store holds one copy)."""
+        return self.actors[0].state_dict.remote()
+
+    def save(self, path: Path, tokenizer_dir: Path | None = None) -> Path:
+        ray.get(self.actors[0].save.remote(str(path), str(tokenizer_dir) if tokenizer_dir else None))
+        return path
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)

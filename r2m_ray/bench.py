@@ -1,0 +1,67 @@
+"""`r2m-ray bench rm`: throughput of the RM stage and the overhead of GRM and the prioritiser.
+
+Runs the same short RM training three times (plain BT, GRM-sft, BT + prioritiser in
+reweight mode) on one world and one initial model, and writes JSON with pairs/s and
+the step-time ratios. Goals (not tests): GRM ≤ 1.10×, prioritiser ≤ 1.25× plain BT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from r2m_ray.config import RunConfig
+from r2m_ray.ray_setup import init_ray
+from r2m_ray.rundir import RunDir
+
+VARIANTS = {
+    "bt": {"grm": {"regulariser": "none"}, "prioritizer": {"enabled": False}},
+    "grm_sft": {"grm": {"regulariser": "sft"}, "prioritizer": {"enabled": False}},
+    "bt_prioritized": {"grm": {"regulariser": "none"}, "prioritizer": {"enabled": True, "mode": "reweight"}},
+}
+
+
+def bench_rm(cfg: RunConfig, out: str | None = None, run_dir: str | None = None) -> dict[str, Any]:
+    """Train each variant for cfg.rm.max_steps (default 40) steps; return and write the JSON."""
+    from r2m_ray.pipelines.full_run import base_model_dir, run_world
+    from r2m_ray.pipelines.rm_stage import load_split, train_member
+    from r2m_ray.models.registry import load_tokenizer
+
+    run = RunDir.create(cfg.model_copy(update={"name": f"bench-rm-{cfg.name}"}), run_dir)
+    world = run_world(cfg, run) if cfg.data.train is None else {}
+    model_dir = base_model_dir(cfg)
+    tokenizer = load_tokenizer(model_dir)
+    init_ray(cfg.ray)
+    train = load_split(cfg.data.train or str(world["train"]), cfg, "train", tokenizer, run)
+    results: dict[str, Any] = {}
+    for name, patch in VARIANTS.items():
+        rm = cfg.rm.model_copy(deep=True)
+        rm.max_steps = cfg.rm.max_steps or 40
+        rm.grm = rm.grm.model_copy(update=patch["grm"])
+        rm.prioritizer = rm.prioritizer.model_copy(update=patch["prioritizer"])
+        variant_cfg = cfg.model_copy(update={"rm": rm})
+        t0 = time.perf_counter()
+        train_member(variant_cfg, run, train, model_dir, tokenizer.pad_token_id, member=0)
+        results[name] = {"pairs_per_second": run.summary["pairs_per_second"],
+                         "train_seconds": run.summary["train_seconds"], "steps": run.summary["steps"],
+                         "wall_seconds_incl_startup": time.perf_counter() - t0}
+    bt = results["bt"]["train_seconds"]
+    report = {
+        "benchmark": "rm",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "batch_size": cfg.rm.batch_size, "ranks": cfg.rm.deepspeed.ranks, "model_preset": cfg.model.preset,
+        "variants": results,
+        "bt_pairs_per_second": results["bt"]["pairs_per_second"],
+        "grm_step_time_ratio": results["grm_sft"]["train_seconds"] / bt,
+        "prioritizer_wall_time_ratio": results["bt_prioritized"]["train_seconds"] / bt,
+        "goals": {"grm_step_time_ratio": 1.10, "prioritizer_wall_time_ratio": 1.25},
+    }
+    path = Path(out) if out else run.path / "bench_rm.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    report["json"] = str(path)
+    run.close()
+    return report

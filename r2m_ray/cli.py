@@ -1,0 +1,151 @@
+"""`r2m-ray` command line: world | sft | rm | eval | export | run | bench.
+
+Every command takes an optional YAML config (default: the packaged default) and
+dotted overrides, e.g. `r2m-ray rm jobs/quickstart.yaml rm.grm.regulariser=sft`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from r2m_ray.config import ConfigError, RunConfig, load_config
+
+COMMANDS = {
+    "world": "write the synthetic world's splits and print its calibration",
+    "sft": "world + SFT warm-up of the policy",
+    "rm": "world (if needed) + reward-model stage",
+    "run": "the configured stages (default world → sft → rm)",
+    "eval": "accuracy of trained reward model(s): eval.checkpoints=[...]",
+    "export": "export a reward model for AutoModelForSequenceClassification: eval.checkpoints=[dir] eval.export_dir=out",
+    "compare": "many RM methods × seeds on one world → a results table: `r2m-ray compare jobs/rm_compare.yaml`",
+    "bench": "benchmarks writing JSON: `r2m-ray bench rm [CONFIG] [overrides]`",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="r2m-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_text in COMMANDS.items():
+        s = sub.add_parser(name, help=help_text)
+        if name == "bench":
+            s.add_argument("what", choices=["rm"], help="which benchmark")
+            s.add_argument("--out", default=None, help="JSON output path (default: bench_<what>.json in the run dir)")
+        s.add_argument("args", nargs="*", help="[CONFIG.yaml] [key.sub=value ...]")
+        s.add_argument("--run-dir", default=None, help="run directory (default: <output_dir>/<name>-<time>)")
+    return p
+
+
+def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
+    config = None
+    overrides = []
+    for a in args:
+        if "=" in a:
+            overrides.append(a)
+        elif config is None:
+            config = a
+        else:
+            raise ConfigError(f"unexpected argument '{a}': give one config file, then key=value overrides")
+    return config, overrides
+
+
+def _cmd_eval(cfg: RunConfig, run_dir: str | None) -> dict:
+    from r2m_ray.pipelines.full_run import run_world
+    from r2m_ray.pipelines.rm_stage import evaluate, load_split
+    from r2m_ray.models.registry import load_tokenizer
+    from r2m_ray.rundir import RunDir
+
+    if not cfg.eval.checkpoints:
+        raise ConfigError("eval.checkpoints: give at least one reward-model checkpoint directory")
+    for c in cfg.eval.checkpoints:
+        if not (Path(c) / "config.json").is_file() and not any(Path(c).glob("*.safetensors")):
+            raise ConfigError(f"eval.checkpoints: {c} is not a reward-model checkpoint directory")
+    run = RunDir.create(cfg, run_dir)
+    world = run_world(cfg, run) if cfg.data.test_id is None else {}
+    tokenizer = load_tokenizer(Path(cfg.eval.checkpoints[0]))
+    evals = {}
+    for key, name in (("test_id", "id"), ("test_ood", "ood")):
+        src = getattr(cfg.data, key) or (str(world[key]) if key in world else None)
+        if src:
+            evals[name] = load_split(src, cfg, key, tokenizer, run)
+    for extra in cfg.data.extra_eval:
+        evals[Path(extra).stem] = load_split(extra, cfg, "extra_eval", tokenizer, run)
+    results = evaluate(cfg, run, [Path(c) for c in cfg.eval.checkpoints], evals, tokenizer.pad_token_id)
+    summary = run.update_summary(None, {"accuracy": {k: v["accuracy"] for k, v in results.items()}, "eval": results})
+    run.close()
+    return summary
+
+
+def _cmd_export(cfg: RunConfig) -> dict:
+    from r2m_ray.models.export import export_sequence_classification
+    from r2m_ray.models.registry import load_tokenizer
+    from r2m_ray.models.reward_model import RewardModel
+
+    if len(cfg.eval.checkpoints) != 1 or not cfg.eval.export_dir:
+        raise ConfigError("export needs eval.checkpoints=[ONE_DIR] and eval.export_dir=OUT_DIR")
+    src = Path(cfg.eval.checkpoints[0])
+    out = export_sequence_classification(RewardModel.from_pretrained(src), load_tokenizer(src), Path(cfg.eval.export_dir))
+    return {"export_dir": str(out)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `r2m-ray` console script."""
+    logging.basicConfig(level=os.environ.get("R2M_RAY_LOG", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ns = _parser().parse_args(argv)
+    try:
+        if ns.command == "compare":
+            from r2m_ray.pipelines.compare import run_compare
+
+            if len(ns.args) != 1:
+                raise ConfigError("compare takes exactly one spec file, e.g. jobs/rm_compare.yaml")
+            result = run_compare(Path(ns.args[0]), ns.run_dir, command="r2m-ray compare " + " ".join(ns.args))
+            print(result["table"])
+            return 0
+        config, overrides = _split_args(ns.args)
+        cfg = load_config(config, overrides)
+        if ns.command == "world":
+            from r2m_ray.pipelines.full_run import run_world
+            from r2m_ray.rundir import RunDir
+
+            run = RunDir.create(cfg, ns.run_dir)
+            run_world(cfg, run)
+            print(f"world written to {run.path / 'world'}")
+            run.close()
+            return 0
+        if ns.command in ("sft", "rm", "run"):
+            from r2m_ray.pipelines.full_run import print_summary, run_pipeline
+
+            stages = {"sft": ["world", "sft"], "rm": ["rm"], "run": None}[ns.command]
+            run = run_pipeline(cfg, stages, ns.run_dir)
+            print_summary(run.summary)
+            return 0
+        if ns.command == "eval":
+            summary = _cmd_eval(cfg, ns.run_dir)
+            print(json.dumps(summary["accuracy"], indent=2))
+            return 0
+        if ns.command == "export":
+            print(json.dumps(_cmd_export(cfg), indent=2))
+            return 0
+        if ns.command == "bench":
+            from r2m_ray.bench import bench_rm
+
+            result = bench_rm(cfg, ns.out, ns.run_dir)
+            print(json.dumps(result, indent=2))
+            return 0
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        # bad input: one clear line, no traceback (R2M_RAY_DEBUG=1 shows it)
+        if os.environ.get("R2M_RAY_DEBUG"):
+            raise
+        print(f"r2m-ray: error: {err}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""One typed config tree for every stage, loaded from YAML plus dotted overrides.
+
+`load_config("jobs/quickstart.yaml", ["rm.grm.alpha=0.05"])` returns a validated
+`RunConfig`. Unknown keys and wrong types raise `ConfigError` naming the dotted key,
+so a typo never turns into a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from r2m_ray.config_base import Section
+from r2m_ray.data.config import DataConfig
+from r2m_ray.models.config import ModelConfig
+from r2m_ray.world.config import WorldConfig
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the dotted key."""
+
+
+class RayConfig(Section):
+    """Where the actors run. address=None: in-process Ray on loopback (or RAY_ADDRESS)."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(default=None, ge=1)
+    namespace: str = "r2m-ray"
+    log_to_driver: bool = True
+
+
+class OptimConfig(Section):
+    """AdamW (torch's, never DeepSpeed's fused kernels on CPU) with linear warm-up."""
+
+    lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(default=10, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+
+
+class DeepSpeedConfig(Section):
+    """A data-parallel learner group: `ranks` Ray actors, one DeepSpeed rank each."""
+
+    ranks: int = Field(default=1, ge=1)
+    zero_stage: int = Field(default=2, ge=0, le=3)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    num_gpus_per_rank: float = Field(default=0.0, ge=0)
+    num_cpus_per_rank: float = Field(default=1.0, gt=0)
+    torch_threads: int | None = Field(default=None, ge=1)
+    bf16: bool = False
+
+
+class GRMConfig(Section):
+    """GRM hidden-state regulariser (ALGORITHMS.md §1). regulariser='none' is plain BT."""
+
+    regulariser: Literal["none", "sft", "sft_plain", "dpo", "dpo_noref"] = "none"
+    alpha: float = Field(default=0.01, ge=0, le=1)
+    beta: float = Field(default=0.1, gt=0)
+
+
+class PrioritizerConfig(Section):
+    """Prompt-free prioritisation (ALGORITHMS.md §2)."""
+
+    enabled: bool = False
+    mode: Literal["reweight", "resample"] = "reweight"
+    tau: float = Field(default=1.0, gt=0)
+    num_prompts: int = Field(default=4, ge=2)
+    refresh_every: int = Field(default=10, ge=1)
+    pool_factor: int = Field(default=2, ge=1)
+    weights: Literal["uniform"] = "uniform"
+    num_cpus: float = Field(default=1.0, gt=0)
+
+
+class RMConfig(Section):
+    """Reward-model stage: loss, GRM, baselines, prioritiser, learner group."""
+
+    method: str = "bt"
+    loss: Literal["bt", "margin", "label_smoothing"] = "bt"
+    margin: float = 0.5
+    margin_column: str | None = None
+    label_smoothing: float = Field(default=0.1, ge=0, lt=0.5)
+    freeze_backbone: bool = False
+    ensemble: int = Field(default=1, ge=1)
+    ensemble_reduce: Literal["mean", "min"] = "mean"
+    batch_size: int = Field(default=32, ge=1)
+    epochs: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    eval_batch_size: int = Field(default=64, ge=1)
+    log_every: int = Field(default=10, ge=1)
+    grm: GRMConfig = GRMConfig()
+    prioritizer: PrioritizerConfig = PrioritizerConfig()
+    optim: OptimConfig = OptimConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+
+
+class SFTConfig(Section):
+    """Supervised warm-up of the policy on the world's sft split."""
+
+    epochs: int = Field(default=2, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    optim: OptimConfig = OptimConfig(lr=1e-3, warmup_steps=20)
+    eval_prompts: int = Field(default=128, ge=1)
+    max_new_tokens: int = Field(default=16, ge=1)
+    temperature: float = Field(default=0.0, ge=0)
+
+
+class EvalConfig(Section):
+    """`r2m-ray eval` and `r2m-ray export`: which trained reward model(s) to use."""
+
+    checkpoints: list[str] = []
+    export_dir: str | None = None
+
+
+class RunConfig(Section):
+    """The root of the tree: one run directory, one seed, every stage's section."""
+
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    stages: list[Literal["world", "sft", "rm"]] = ["world", "sft", "rm"]
+    world: WorldConfig = WorldConfig()
+    model: ModelConfig = ModelConfig()
+    policy_model: ModelConfig | None = None
+    data: DataConfig = DataConfig()
+    sft: SFTConfig = SFTConfig()
+    rm: RMConfig = RMConfig()
+    ray: RayConfig = RayConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check_grm_needs_lm_head(self) -> "RunConfig":
+        if self.rm.freeze_backbone and self.rm.grm.regulariser != "none":
+            raise ValueError("rm.grm.regulariser needs a trainable backbone; set rm.freeze_backbone=false")
+        return self
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set tree[a][b][c] = value for 'a.b.c', creating intermediate dicts."""
+    node = tree
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: '{key}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Parse 'a.b=value' strings; values are YAML scalars/lists ('0.1', 'true', '[1,2]')."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override '{item}' has an empty key")
+        parsed.append((key, yaml.safe_load(raw) if raw.strip() else ""))
+    return parsed
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = e.get("input")
+        lines.append(f"{loc}: {msg}" + ("" if e["type"] == "extra_forbidden" else f" (got {got!r})"))
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def config_from_dict(tree: dict[str, Any]) -> RunConfig:
+    """Validate a plain dict into a RunConfig, with errors that name dotted keys."""
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load YAML (default: the packaged default) and apply dotted overrides."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(tree).__name__}")
+    tree = copy.deepcopy(tree)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    return config_from_dict(tree)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (what a run directory records)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""r2m_ray.pipelines."""

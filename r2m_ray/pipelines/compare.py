@@ -1,0 +1,123 @@
+"""`r2m-ray compare SPEC.yaml`: many RM methods × seeds on one world, one results table.
+
+The spec names a base job config, overrides for all runs, the seeds and the
+variants (each a list of dotted overrides). The world and the SFT warm-up are
+built once and shared; every (variant, seed) trains its own reward model in its
+own sub-directory. The table (mean ± std over seeds of ID / OOD accuracy and
+gold accuracy) is written as markdown between markers in the output file, with
+the command that produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field
+
+from r2m_ray.config import ConfigError, load_config
+from r2m_ray.config_base import Section
+from r2m_ray.ray_setup import init_ray
+from r2m_ray.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+class CompareSpec(Section):
+    """What to compare: base config + overrides, seeds, variants, where the table goes."""
+
+    base: str
+    overrides: list[str] = []
+    seeds: list[int] = Field(default=[0, 1, 2], min_length=1)
+    variants: dict[str, list[str]]
+    output: str = "docs/results.md"
+    section: str = "rm_compare"
+
+
+def load_spec(path: Path) -> CompareSpec:
+    """Read and validate a compare spec; base is resolved relative to the spec file."""
+    if not path.is_file():
+        raise ConfigError(f"compare spec not found: {path}")
+    spec = CompareSpec.model_validate(yaml.safe_load(path.read_text()))
+    base = (path.parent / spec.base).resolve()
+    return spec.model_copy(update={"base": str(base)})
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = statistics.fmean(values) * 100
+    std = statistics.stdev(values) * 100 if len(values) > 1 else 0.0
+    return f"{mean:.1f} ± {std:.1f}"
+
+
+def results_table(rows: dict[str, list[dict[str, Any]]]) -> str:
+    """Markdown table: one row per variant, mean ± std over seeds (accuracies in %)."""
+    lines = ["| method | ID acc | OOD acc | ID gold acc | OOD gold acc | pairs/s | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    for name, runs in rows.items():
+        get = lambda key, split: [r[key][split] for r in runs if split in r.get(key, {})]  # noqa: E731
+        pps = statistics.fmean(r["pairs_per_second"] for r in runs)
+        lines.append(f"| {name} | {_fmt(get('accuracy', 'id'))} | {_fmt(get('accuracy', 'ood'))} | "
+                     f"{_fmt(get('gold_accuracy', 'id'))} | {_fmt(get('gold_accuracy', 'ood'))} | {pps:.0f} | {len(runs)} |")
+    return "\n".join(lines)
+
+
+def write_section(path: Path, section: str, body: str) -> None:
+    """Replace the text between <!-- section:begin --> and <!-- section:end --> (append if absent)."""
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+    text = path.read_text() if path.is_file() else "# Results\n"
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def run_compare(spec_path: Path, run_dir: str | None = None, command: str = "") -> dict[str, Any]:
+    """Run every (variant, seed); write the table; return all summaries."""
+    from r2m_ray.pipelines.full_run import base_model_dir, run_world
+    from r2m_ray.pipelines.rm_stage import run_rm_stage
+    from r2m_ray.pipelines.sft_stage import run_sft_stage
+
+    spec = load_spec(spec_path)
+    base_cfg = load_config(spec.base, spec.overrides)
+    for name, ovr in spec.variants.items():  # validate every variant before hours of training
+        try:
+            load_config(spec.base, spec.overrides + ovr)
+        except ConfigError as err:
+            raise ConfigError(f"variant '{name}': {err}") from None
+    root = RunDir.create(base_cfg.model_copy(update={"name": f"compare-{spec_path.stem}"}), run_dir)
+    t0 = time.perf_counter()
+    world = run_world(base_cfg, root)
+    model_dir = base_model_dir(base_cfg)
+    rm_init = model_dir
+    if "sft" in base_cfg.stages:
+        rm_init, _ = run_sft_stage(base_cfg, root, model_dir, world)
+    init_ray(base_cfg.ray)
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in spec.variants}
+    for seed in spec.seeds:
+        for name, ovr in spec.variants.items():
+            cfg = load_config(spec.base, spec.overrides + ovr + [f"seed={seed}", f"rm.method={name}"])
+            sub = RunDir.create(cfg, root.path / f"{name}-seed{seed}")
+            summary = run_rm_stage(cfg, sub, rm_init, world)
+            sub.close()
+            rows[name].append(summary)
+            log.info("compare %s seed %d: %s", name, seed, summary["accuracy"])
+            (root.path / "compare.json").write_text(json.dumps(rows, indent=2, default=float))
+    minutes = (time.perf_counter() - t0) / 60
+    body = (f"Command: `{command or 'r2m-ray compare ' + str(spec_path)}` "
+            f"({len(spec.seeds)} seeds, {minutes:.0f} min on this machine; run dir `{root.path}`).\n"
+            f"Accuracy = agreement with the split's (noisy, biased-sampled) labels; gold acc = agreement "
+            f"with the world's gold preference. Mean ± std over seeds, in %.\n\n" + results_table(rows))
+    write_section(Path(spec.output), spec.section, body)
+    root.update_summary(None, {"table": results_table(rows), "minutes": minutes})
+    root.close()
+    return {"rows": rows, "table": results_table(rows)}

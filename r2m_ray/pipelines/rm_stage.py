@@ -1,0 +1,203 @@
+"""RM stage driver: preference pairs → reward model, read top to bottom.
+
+1. load + tokenise train / eval pairs (skips counted and logged);
+2. `dpo` only: reference log-probs from the ReferenceActor, cached on disk;
+3. per ensemble member: start the RMLearner group (DeepSpeed ranks) and, if
+   enabled, the Prioritizer; loop: score the NEXT batch on the prioritiser while
+   the learners train on this one; refresh the prioritiser every refresh_every;
+4. save each member (safetensors), evaluate ID / OOD / extra sets, write summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import ray
+import torch
+from datasets import Dataset
+
+from r2m_ray.actors.prioritizer import Prioritizer
+from r2m_ray.actors.reference import ReferenceActor
+from r2m_ray.actors.rm_learner import RMLearnerGroup
+from r2m_ray.algos.decomposition import sample_by_priority
+from r2m_ray.config import RunConfig
+from r2m_ray.data.preference import load_preferences
+from r2m_ray.data.tokenize import PreferenceCollator, tokenize_preferences
+from r2m_ray.eval.plots import plot_rm_training
+from r2m_ray.eval.rm_accuracy import accuracy_report, score_pairs
+from r2m_ray.models.registry import load_tokenizer
+from r2m_ray.models.reward_model import RewardModel
+from r2m_ray.rundir import RunDir
+
+log = logging.getLogger(__name__)
+ENCODED = ["chosen_input_ids", "chosen_response_mask", "rejected_input_ids", "rejected_response_mask"]
+
+
+def load_split(source: str, cfg: RunConfig, split: str, tokenizer: Any, run: RunDir) -> Dataset:
+    """Load + tokenise one preference source; its skip report goes to the summary."""
+    data = load_preferences(source, cfg.data, split=split)
+    tokenized = tokenize_preferences(data, tokenizer, cfg.data)
+    tokenized.report.log()
+    run.update_summary("data", {split: tokenized.report.to_dict()})
+    if len(tokenized.dataset) == 0:
+        raise ValueError(f"data.{split}: no usable preference pairs in {source} (see the skip report above)")
+    return tokenized.dataset
+
+
+def add_reference_logprobs(ds: Dataset, model_dir: Path, pad_id: int, cache_dir: Path, chunk: int = 64) -> Dataset:
+    """Columns ref_logp_c / ref_logp_r from the frozen backbone, computed once per (model, data)."""
+    key = hashlib.sha256(f"{model_dir.resolve()}|{ds._fingerprint}".encode()).hexdigest()[:16]
+    cache = cache_dir / f"ref_logps-{key}.parquet"
+    if cache.is_file():
+        cached = Dataset.from_parquet(str(cache))
+        log.info("reference log-probs from cache %s", cache)
+    else:
+        ref = ReferenceActor.remote(str(model_dir), pad_id)
+        futures = []
+        for start in range(0, len(ds), chunk):
+            rows = ds.select(range(start, min(start + chunk, len(ds))))
+            futures.append((ref.logprobs.remote(rows["chosen_input_ids"], rows["chosen_response_mask"]),
+                            ref.logprobs.remote(rows["rejected_input_ids"], rows["rejected_response_mask"])))
+        lc, lr = [], []
+        for fc, fr in futures:
+            lc.append(ray.get(fc))
+            lr.append(ray.get(fr))
+        ray.kill(ref)
+        cached = Dataset.from_dict({"ref_logp_c": torch.cat(lc).tolist(), "ref_logp_r": torch.cat(lr).tolist()})
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cached.to_parquet(str(cache))
+    return ds.add_column("ref_logp_c", cached["ref_logp_c"]).add_column("ref_logp_r", cached["ref_logp_r"])
+
+
+def index_stream(n: int, seed: int) -> Iterator[int]:
+    """Row indices: a fresh seeded permutation every epoch, forever."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield from torch.randperm(n, generator=g).tolist()
+
+
+def take(stream: Iterator[int], k: int) -> list[int]:
+    return [next(stream) for _ in range(k)]
+
+
+def encoded_rows(ds: Dataset, idx: list[int]) -> dict[str, list]:
+    """The token columns of some rows, as the prioritiser wants them."""
+    rows = ds.select(idx)
+    return {c: rows[c] for c in ENCODED}
+
+
+def train_member(cfg: RunConfig, run: RunDir, train: Dataset, model_dir: Path, pad_id: int, member: int) -> Path:
+    """Train one reward model (one ensemble member) and save it; returns its checkpoint dir."""
+    rm = cfg.rm
+    seed = cfg.seed + 1000 * member
+    cfg_json = json.dumps(cfg.model_dump(mode="json"))
+    group = RMLearnerGroup(cfg_json, rm, model_dir, seed)
+    collate = PreferenceCollator(pad_token_id=pad_id, padding_side="right")
+    steps = rm.epochs * (len(train) // rm.batch_size)
+    steps = min(steps, rm.max_steps) if rm.max_steps else steps
+    if steps < 1:
+        raise ValueError(f"rm.batch_size={rm.batch_size} is larger than the {len(train)} training pairs")
+    stream = index_stream(len(train), seed)
+    prio = None
+    draw = rm.batch_size * (rm.prioritizer.pool_factor if rm.prioritizer.mode == "resample" else 1)
+    if rm.prioritizer.enabled:
+        prio = Prioritizer.options(num_cpus=rm.prioritizer.num_cpus).remote(
+            cfg_json, str(model_dir), pad_id, cfg.data.max_length, seed, max(1, int(rm.prioritizer.num_cpus)))
+        ray.get(prio.refresh.remote(group.state_dict_ref(), 0))
+    next_idx = take(stream, draw)
+    next_scores = prio.score.remote(encoded_rows(train, next_idx)) if prio else None
+    sample_gen = torch.Generator().manual_seed(seed + 1)
+    t_start, history = time.perf_counter(), []
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        idx, weights, scores = next_idx, None, None
+        if prio:
+            scores = ray.get(next_scores)
+        t_wait = time.perf_counter() - t0
+        if step < steps:  # score the next batch while the learners train on this one
+            next_idx = take(stream, draw)
+            next_scores = prio.score.remote(encoded_rows(train, next_idx)) if prio else None
+        if scores is not None and rm.prioritizer.mode == "resample":
+            pick = sample_by_priority(scores["priorities"], rm.batch_size, sample_gen).tolist()
+            idx = [idx[i] for i in pick]
+        elif scores is not None:
+            weights = scores["priorities"]
+        batch = collate(list(train.select(idx)))
+        if weights is not None:
+            batch["weight"] = weights.float()
+        metrics = RMLearnerGroup.reduce_metrics(ray.get(group.train_step_async(batch)))
+        if prio and step % rm.prioritizer.refresh_every == 0:
+            prio.refresh.remote(group.state_dict_ref(), step)  # ordered after the pending score
+        metrics["step_seconds"] = time.perf_counter() - t0
+        metrics["prioritizer_wait_seconds"] = t_wait
+        if scores is not None:
+            metrics["delta_r2_mean"] = float(scores["delta_r2"].mean())
+            metrics["priority_max"] = float(scores["priorities"].max())
+        history.append(metrics)
+        if step % rm.log_every == 0 or step == steps:
+            run.log(f"rm/member{member}", step, metrics)
+            log.info("rm member %d step %d/%d loss %.4f acc %.3f", member, step, steps, metrics["loss"],
+                     metrics["accuracy"])
+    elapsed = time.perf_counter() - t_start
+    ckpt = run.path / "checkpoints" / f"rm-{member}"
+    group.save(ckpt, tokenizer_dir=model_dir)
+    run.update_summary(None, {"pairs_per_second": steps * rm.batch_size / elapsed, "steps": steps,
+                              "train_seconds": elapsed})
+    plot_rm_training(history, run.path / "plots" / f"rm_training_member{member}.png")
+    if prio:
+        ray.kill(prio)
+    group.shutdown()
+    return ckpt
+
+
+def evaluate(cfg: RunConfig, run: RunDir, ckpts: list[Path], evals: dict[str, Dataset], pad_id: int) -> dict[str, Any]:
+    """Accuracy of the (ensemble of) trained models on every eval set."""
+    models = [RewardModel.from_pretrained(p) for p in ckpts]
+    collate = PreferenceCollator(pad_token_id=pad_id, padding_side="right")
+    results = {}
+    for name, ds in evals.items():
+        r_c, r_r = score_pairs(models, ds, collate, cfg.rm.eval_batch_size, cfg.rm.ensemble_reduce, desc=f"eval {name}")
+        results[name] = accuracy_report(r_c, r_r, ds)
+        log.info("rm accuracy %s: %.4f (n=%d)", name, results[name]["accuracy"], results[name]["n"])
+    return results
+
+
+def run_rm_stage(cfg: RunConfig, run: RunDir, model_dir: Path, world_paths: dict[str, Path] | None) -> dict[str, Any]:
+    """The whole RM stage; returns the summary."""
+    world_paths = world_paths or {}
+    tokenizer = load_tokenizer(model_dir)
+    pad_id = tokenizer.pad_token_id
+
+    def source(key: str) -> str | None:
+        value = getattr(cfg.data, key)
+        if value is None and key in world_paths:
+            return str(world_paths[key])
+        return value
+
+    if source("train") is None:
+        raise ValueError("data.train is not set and no synthetic world was built in this run")
+    train = load_split(source("train"), cfg, "train", tokenizer, run)
+    evals = {}
+    for key, name in (("test_id", "id"), ("test_ood", "ood")):
+        if source(key) is not None:
+            evals[name] = load_split(source(key), cfg, key, tokenizer, run)
+    for i, extra in enumerate(cfg.data.extra_eval):
+        evals[Path(extra).stem or f"extra{i}"] = load_split(extra, cfg, f"extra_eval.{i}", tokenizer, run)
+    if cfg.rm.grm.regulariser == "dpo":
+        train = add_reference_logprobs(train, model_dir, pad_id, Path(cfg.model.cache_dir).expanduser() / "ref_cache")
+    ckpts = [train_member(cfg, run, train, model_dir, pad_id, m) for m in range(cfg.rm.ensemble)]
+    results = evaluate(cfg, run, ckpts, evals, pad_id)
+    summary = run.update_summary(None, {
+        "method": cfg.rm.method,
+        "accuracy": {name: r["accuracy"] for name, r in results.items()},
+        "gold_accuracy": {name: r["gold_accuracy"] for name, r in results.items() if "gold_accuracy" in r},
+        "eval": results,
+        "checkpoints": [str(p) for p in ckpts],
+    })
+    run.log("rm/eval", summary["steps"], {"accuracy": summary["accuracy"]})
+    return summary

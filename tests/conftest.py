@@ -1,0 +1,65 @@
+"""Shared fixtures: a real in-process Ray on loopback, a small world, a tiny model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A world small enough that a test trains on it in seconds.
+SMALL_WORLD = [
+    "world.splits.sft=512", "world.splits.train=768", "world.splits.test_id=192",
+    "world.splits.test_ood=192", "world.splits.rl_prompts=64",
+]
+
+
+def small_overrides(tmp: Path) -> list[str]:
+    """Overrides that make any job config a seconds-long test run."""
+    return SMALL_WORLD + [f"output_dir={tmp}", f"model.cache_dir={tmp / 'models'}", "sft.epochs=1",
+                          "sft.eval_prompts=32", "rm.batch_size=16", "rm.log_every=5", "rm.eval_batch_size=64"]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One real in-process Ray for the whole session (4 CPU slots on a 2-core box)."""
+    import ray
+
+    from r2m_ray.config import RayConfig
+    from r2m_ray.ray_setup import init_ray
+
+    init_ray(RayConfig(num_cpus=4, log_to_driver=False))
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_cfg(tmp_path_factory):
+    """The quickstart config shrunk for tests; output and model cache in a temp dir."""
+    from r2m_ray.config import load_config
+
+    tmp = tmp_path_factory.mktemp("r2m")
+    return load_config(ROOT / "jobs" / "quickstart.yaml", small_overrides(tmp))
+
+
+@pytest.fixture(scope="session")
+def world_paths(small_cfg, tmp_path_factory):
+    """The small world's splits written once for the session."""
+    from r2m_ray.world import build_world, write_splits
+
+    return write_splits(build_world(small_cfg.world), small_cfg.world, tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(small_cfg):
+    """A tiny random Llama + tokenizer trained on the world's text."""
+    from r2m_ray.models.registry import prepare_model_dir
+    from r2m_ray.world import corpus
+
+    return prepare_model_dir(small_cfg.model, corpus=lambda: corpus(small_cfg.world))

@@ -1,0 +1,59 @@
+"""The config tree: YAML + dotted overrides, errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from r2m_ray.config import ConfigError, RunConfig, dump_config, load_config, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_and_quickstart_load():
+    cfg = load_config()
+    assert isinstance(cfg, RunConfig)
+    quick = load_config(ROOT / "jobs" / "quickstart.yaml")
+    assert quick.model.preset == "tiny"
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(None, ["rm.grm.alpha=0.05", "rm.grm.regulariser=dpo", "rm.deepspeed.ranks=2",
+                             "world.bias.kind=phrase", "data.extra_eval=[a.jsonl, b.jsonl]"])
+    assert cfg.rm.grm.alpha == pytest.approx(0.05)
+    assert cfg.rm.grm.regulariser == "dpo"
+    assert cfg.rm.deepspeed.ranks == 2
+    assert cfg.data.extra_eval == ["a.jsonl", "b.jsonl"]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("rm.grm.alphaa=0.1", "rm.grm.alphaa"),
+    ("rm.grm.alpha=abc", "rm.grm.alpha"),
+    ("rm.grm.regulariser=l2", "rm.grm.regulariser"),
+    ("rm.deepspeed.zero_stage=4", "rm.deepspeed.zero_stage"),
+    ("rm.prioritizer.tau=0", "rm.prioritizer.tau"),
+    ("nonsense=1", "nonsense"),
+])
+def test_bad_override_names_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert key in str(err.value)
+
+
+def test_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_overrides(["rm.grm.alpha"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_cross_field_rule_and_roundtrip(tmp_path):
+    with pytest.raises(ConfigError, match="freeze_backbone"):
+        load_config(None, ["rm.freeze_backbone=true", "rm.grm.regulariser=sft"])
+    cfg = load_config(None, ["rm.grm.alpha=0.2"])
+    dumped = tmp_path / "c.yaml"
+    dumped.write_text(dump_config(cfg))
+    assert load_config(dumped) == cfg
