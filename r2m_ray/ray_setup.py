@@ -39,9 +39,14 @@ def init_ray(cfg: RayConfig) -> dict[str, Any]:
         ray.init(address=address, namespace=cfg.namespace, runtime_env={"env_vars": env_vars},
                  log_to_driver=cfg.log_to_driver)
     else:
-        # Measured on Ray 2.60: with this variable every Ray socket listens on 127.0.0.1;
-        # _node_ip_address alone is silently overridden by the eth0 address.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Measured on Ray 2.60: with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 every Ray socket
+        # listens on 127.0.0.1 (_node_ip_address alone is silently overridden by eth0).
+        # r2m_ray/__init__ sets it before ray is imported; if ray was imported first,
+        # the constant it read must be switched off here, before the node starts.
+        from ray._private import ray_constants
+
+        if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0") == "0":
+            ray_constants.ENABLE_RAY_CLUSTER = False
         # Ray's CPU count is a scheduling slot count, not pinning: a 2-core box still
         # gets 4 slots so learner ranks and the prioritiser can be placed side by side.
         num_cpus = cfg.num_cpus or max(4, os.cpu_count() or 1)

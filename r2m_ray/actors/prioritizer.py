@@ -107,4 +107,4 @@ class Prioritizer:
         delta_r2 = prompt_free_gap(d)
         return {"delta_r2": delta_r2, "delta_r1": prompt_related_gap(d[:, 0], delta_r2),
                 "priorities": priorities(delta_r2, tau=self.cfg.tau), "version": self.version,
-                "sequences_scored": len(seqs)}
+                "prompt_index": idx, "sequences_scored": len(seqs)}

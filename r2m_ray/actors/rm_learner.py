@@ -162,7 +162,7 @@ class RMLearner:
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
     def save(self, path: str, tokenizer_dir: str | None = None) -> str:
-        """Rank 0 writes the RewardModel (safetensors) — other ranks hold identical weights."""
+        """Rank 0 writes the RewardModel (safetensors); under ZeRO-3 every rank joins the gather."""
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else None
@@ -170,7 +170,8 @@ class RMLearner:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None):
-                self.engine.module.save_pretrained(path, tokenizer=tok)
+                if self.rank == 0:
+                    self.engine.module.save_pretrained(path, tokenizer=tok)
         else:
             self.engine.module.save_pretrained(path, tokenizer=tok)
         return path
@@ -188,6 +189,7 @@ class RMLearnerGroup:
         threads = ds.torch_threads or max(1, int(ds.num_cpus_per_rank))
         opts = {"num_cpus": ds.num_cpus_per_rank, "num_gpus": ds.num_gpus_per_rank}
         self.world_size = ds.ranks
+        self.zero_stage = ds.zero_stage
         check_resources("rm.deepspeed (RMLearner ranks)", ds.ranks, ds.num_cpus_per_rank, ds.num_gpus_per_rank)
         self.actors = [RMLearner.options(**opts).remote(0, ds.ranks, threads)]
         master_addr, master_port = ray.get(self.actors[0].address.remote())
@@ -215,12 +217,21 @@ class RMLearnerGroup:
         out["pairs"] = total
         return out
 
+    def _on_all_ranks(self, method: str, *args: Any) -> list[ray.ObjectRef]:
+        """Under ZeRO-3 gathering weights is a collective: every rank must take part."""
+        actors = self.actors if self.zero_stage == 3 else self.actors[:1]
+        return [getattr(a, method).remote(*args) for a in actors]
+
     def state_dict_ref(self) -> ray.ObjectRef:
         """A ref to rank 0's full weights (the object store holds one copy)."""
-        return self.actors[0].state_dict.remote()
+        return self._on_all_ranks("state_dict")[0]
+
+    def checksums(self) -> list[float]:
+        """Per-rank weight checksums, every rank calling (a collective under ZeRO-3)."""
+        return ray.get([a.checksum.remote() for a in self.actors])
 
     def save(self, path: Path, tokenizer_dir: Path | None = None) -> Path:
-        ray.get(self.actors[0].save.remote(str(path), str(tokenizer_dir) if tokenizer_dir else None))
+        ray.get(self._on_all_ranks("save", str(path), str(tokenizer_dir) if tokenizer_dir else None))
         return path
 
     def shutdown(self) -> None:
