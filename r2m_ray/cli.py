@@ -144,6 +144,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"r2m-ray: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # an actor that died: say which, not a 60-line Ray traceback
+        import ray
+
+        if not isinstance(err, ray.exceptions.RayError) or os.environ.get("R2M_RAY_DEBUG"):
+            raise
+        first = str(err).strip().splitlines()
+        print(f"r2m-ray: error: a Ray actor failed ({type(err).__name__}): {first[0] if first else ''}\n"
+              f"  (set R2M_RAY_DEBUG=1 for the full traceback; actor logs are under the Ray session dir)",
+              file=sys.stderr)
+        return 1
     return 1
 
 

@@ -19,6 +19,7 @@ import torch
 
 from r2m_ray.algos.decomposition import priorities, prompt_free_gap, prompt_related_gap
 from r2m_ray.config import PrioritizerConfig
+from r2m_ray.data.collate import pad_ids
 
 
 def split_prompt_response(input_ids: list[int], response_mask: list[int]) -> tuple[list[int], list[int]]:
@@ -40,15 +41,6 @@ def cross_prompt_indices(n: int, m: int, generator: torch.Generator) -> torch.Te
         idx[k, 0] = k
         idx[k, 1:] = others
     return idx
-
-
-def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and attention mask (the reward is read at the last real token)."""
-    tensors = [torch.tensor(s, dtype=torch.long) for s in seqs]
-    ids = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=pad_id, padding_side="left")
-    attn = torch.nn.utils.rnn.pad_sequence([torch.ones_like(t) for t in tensors], batch_first=True,
-                                           padding_value=0, padding_side="left")
-    return ids, attn
 
 
 @ray.remote
@@ -83,7 +75,7 @@ class Prioritizer:
     def _rewards(self, seqs: list[list[int]]) -> torch.Tensor:
         out = []
         for i in range(0, len(seqs), self.eval_batch):
-            ids, attn = pad_left(seqs[i:i + self.eval_batch], self.pad_id)
+            ids, attn = pad_ids(seqs[i:i + self.eval_batch], self.pad_id, side="left")
             out.append(self.model(ids, attn).rewards.float())
         return torch.cat(out)
 

@@ -14,14 +14,7 @@ import ray
 import torch
 
 from r2m_ray.algos.grm import sequence_logprobs
-
-
-def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and attention mask."""
-    tensors = [torch.tensor(s, dtype=torch.long) for s in seqs]
-    ids = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=pad_id)
-    attn = torch.nn.utils.rnn.pad_sequence([torch.ones_like(t) for t in tensors], batch_first=True)
-    return ids, attn
+from r2m_ray.data.collate import pad_ids
 
 
 @ray.remote
@@ -40,7 +33,7 @@ class ReferenceActor:
     @torch.no_grad()
     def logprobs(self, input_ids: list[list[int]], response_mask: list[list[int]]) -> torch.Tensor:
         """log π_ref(y|x) per sequence = sum over response tokens."""
-        ids, attn = pad_right(input_ids, self.pad_id)
-        mask, _ = pad_right(response_mask, 0)
+        ids, attn = pad_ids(input_ids, self.pad_id)
+        mask, _ = pad_ids(response_mask, 0)
         logits = self.model(input_ids=ids, attention_mask=attn).logits.float()
         return sequence_logprobs(logits, ids, mask)

@@ -39,6 +39,14 @@ def pad_sequences(seqs: Sequence[Sequence[int]], value: int, length: int, side: 
     return out
 
 
+def pad_ids(seqs: Sequence[Sequence[int]], pad_token_id: int, side: PaddingSide = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token lists to their longest -> (input_ids, attention_mask), LongTensors [N, T]."""
+    length = max(len(s) for s in seqs)
+    ids = pad_sequences(seqs, pad_token_id, length, side)
+    attn = pad_sequences([[1] * len(s) for s in seqs], 0, length, side)
+    return ids, attn
+
+
 def _scalar_tensors(rows: list[dict[str, Any]], skip: Sequence[str]) -> dict[str, torch.Tensor]:
     """Numeric per-row columns as tensors: float -> float32, int -> long, bool -> bool; strings are left out."""
     out = {}

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import ray
 import torch
 from datasets import Dataset
+from tqdm.auto import tqdm
 
 from r2m_ray.actors.prioritizer import Prioritizer
 from r2m_ray.actors.reference import ReferenceActor
@@ -113,6 +114,7 @@ def train_member(cfg: RunConfig, run: RunDir, train: Dataset, model_dir: Path, p
     next_scores = prio.score.remote(encoded_rows(train, next_idx)) if prio else None
     sample_gen = torch.Generator().manual_seed(seed + 1)
     t_start, history = time.perf_counter(), []
+    bar = tqdm(total=steps, desc=f"rm member {member}", leave=False)
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
         idx, weights, scores = next_idx, None, None
@@ -139,10 +141,13 @@ def train_member(cfg: RunConfig, run: RunDir, train: Dataset, model_dir: Path, p
             metrics["delta_r2_mean"] = float(scores["delta_r2"].mean())
             metrics["priority_max"] = float(scores["priorities"].max())
         history.append(metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")
         if step % rm.log_every == 0 or step == steps:
             run.log(f"rm/member{member}", step, metrics)
             log.info("rm member %d step %d/%d loss %.4f acc %.3f", member, step, steps, metrics["loss"],
                      metrics["accuracy"])
+    bar.close()
     elapsed = time.perf_counter() - t_start
     ckpt = run.path / "checkpoints" / f"rm-{member}"
     group.save(ckpt, tokenizer_dir=model_dir)

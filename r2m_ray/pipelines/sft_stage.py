@@ -55,8 +55,10 @@ def generate_answers(model: torch.nn.Module, tokenizer: Any, prompts: list[list[
     return [s.strip() for s in out]
 
 
-def gold_of_policy(model: torch.nn.Module, tokenizer: Any, prompts: Dataset, cfg: RunConfig) -> dict[str, float]:
-    """Mean gold reward and length of the policy's answers to RL prompts."""
+def gold_of_policy(model: torch.nn.Module, tokenizer: Any, prompts: Dataset, cfg: RunConfig) -> dict[str, Any]:
+    """Mean gold reward and length of the policy's answers to RL prompts (world prompts only)."""
+    if cfg.data.prompts is not None:
+        return {"gold_reward": None, "response_words": None, "example": "no gold reward for user prompts"}
     msgs = prompts["prompt_messages"][: cfg.sft.eval_prompts]
     answers = generate_answers(model, tokenizer, msgs, cfg.sft.max_new_tokens, cfg.sft.temperature)
     texts = [m[-1]["content"] for m in msgs]
@@ -70,8 +72,14 @@ def run_sft_stage(cfg: RunConfig, run: RunDir, policy_dir: Path, world_paths: di
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(policy_dir)
     model = load_causal_lm(policy_dir)
-    train = tokenize_sft(load_sft(str(world_paths["sft"]), cfg.data), tokenizer, cfg.data)
-    prompts = load_prompts(str(world_paths["rl_prompts"]), cfg.data)
+    sft_src = cfg.data.sft or (str(world_paths["sft"]) if "sft" in world_paths else None)
+    prompt_src = cfg.data.prompts or (str(world_paths["rl_prompts"]) if "rl_prompts" in world_paths else None)
+    if sft_src is None or prompt_src is None:
+        raise ValueError("data.sft / data.prompts are not set and no synthetic world was built in this run")
+    train = tokenize_sft(load_sft(sft_src, cfg.data), tokenizer, cfg.data)
+    if len(train) == 0:
+        raise ValueError(f"data.sft: no usable SFT examples in {sft_src}")
+    prompts = load_prompts(prompt_src, cfg.data)
     before = gold_of_policy(model, tokenizer, prompts, cfg)
     collate = SFTCollator(pad_token_id=tokenizer.pad_token_id)
     optim = torch.optim.AdamW(model.parameters(), lr=cfg.sft.optim.lr, weight_decay=cfg.sft.optim.weight_decay)
@@ -111,6 +119,6 @@ def run_sft_stage(cfg: RunConfig, run: RunDir, policy_dir: Path, world_paths: di
                "gold_reward": {"before": before["gold_reward"], "after": after["gold_reward"]},
                "response_words": after["response_words"], "example": after["example"]}
     run.update_summary("sft", summary)
-    log.info("sft: gold reward on rl_prompts %.3f -> %.3f (%s)", before["gold_reward"], after["gold_reward"],
+    log.info("sft: gold reward on rl_prompts %s -> %s (%s)", before["gold_reward"], after["gold_reward"],
              after["example"])
     return out_dir, summary

@@ -1,0 +1,132 @@
+"""The RM stage end to end on real Ray + DeepSpeed, and the `r2m-ray` CLI as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from r2m_ray.config import load_config
+from r2m_ray.pipelines.full_run import run_pipeline
+from tests.conftest import ROOT, small_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(tmp_path: Path, *extra: str):
+    return load_config(ROOT / "jobs" / "quickstart.yaml", small_overrides(tmp_path) + list(extra))
+
+
+def test_bt_learns_the_biased_world(ray_session, tmp_path):
+    """Plain BT: above chance in distribution, the planted bias costs it out of distribution."""
+    cfg = _cfg(tmp_path, "rm.epochs=2", "stages=[world, rm]")
+    run = run_pipeline(cfg, run_dir=tmp_path / "bt")
+    s = json.loads((run.path / "summary.json").read_text())
+    for key in ("method", "steps", "pairs_per_second"):
+        assert key in s
+    assert s["method"] == "bt" and s["steps"] == 2 * (768 // 16)
+    assert s["accuracy"]["id"] > 0.65  # chance is 0.5
+    assert s["accuracy"]["ood"] < s["accuracy"]["id"] - 0.1  # the generalisation gap
+    assert set(s["eval"]["id"]["per_subset"]) and all(k.startswith("id/") for k in s["eval"]["id"]["per_subset"])
+    assert (run.path / "checkpoints" / "rm-0" / "value_head.safetensors").is_file()
+    assert list((run.path / "plots").glob("*.png"))
+    assert list((run.path / "tb").iterdir())
+    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["stage"] == "rm/member0"]
+    assert losses[-1] < losses[0]
+    assert s["data"]["train"]["n_out"] + sum(s["data"]["train"]["skipped"].values()) == 768
+
+
+def test_grm_dpo_prioritized_resample_ensemble(ray_session, tmp_path):
+    """The heaviest combination: reference actor, GRM-dpo, prioritiser (resample), 2 ranks, 2 members."""
+    cfg = _cfg(tmp_path, "stages=[world, rm]", "rm.grm.regulariser=dpo", "rm.prioritizer.enabled=true",
+               "rm.prioritizer.mode=resample", "rm.prioritizer.refresh_every=5", "rm.max_steps=12",
+               "rm.deepspeed.ranks=2", "rm.ensemble=2", "rm.ensemble_reduce=min", "rm.method=combo")
+    run = run_pipeline(cfg, run_dir=tmp_path / "combo")
+    s = json.loads((run.path / "summary.json").read_text())
+    assert s["method"] == "combo" and s["steps"] == 12 and len(s["checkpoints"]) == 2
+    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    member_rows = [r for r in rows if r["stage"].startswith("rm/member")]
+    assert {r["stage"] for r in member_rows} == {"rm/member0", "rm/member1"}
+    assert all("reg_loss" in r and "delta_r2_mean" in r for r in member_rows)
+    assert all(0.0 <= s["accuracy"][k] <= 1.0 for k in ("id", "ood"))
+
+
+def test_sft_stage_improves_gold_reward(tmp_path):
+    cfg = _cfg(tmp_path, "stages=[world, sft]", "sft.epochs=2")
+    run = run_pipeline(cfg, run_dir=tmp_path / "sft")
+    s = json.loads((run.path / "summary.json").read_text())["sft"]
+    assert s["gold_reward"]["after"] > s["gold_reward"]["before"] + 0.3
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(run.path / "checkpoints" / "sft")  # a plain HF checkpoint
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "R2M_RAY_LOG": "WARNING"}
+    return subprocess.run([sys.executable, "-m", "r2m_ray.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_cli_run_eval_export(tmp_path):
+    """What the README tells a user to do: run, then eval and export the checkpoint."""
+    ovr = small_overrides(tmp_path) + ["model.value_head=linear", "rm.max_steps=20"]
+    res = _cli("run", str(ROOT / "jobs" / "quickstart.yaml"), *ovr, "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    for key in ("accuracy", "pairs_per_second", "steps", "method", "sft", "world"):
+        assert key in summary
+    assert "accuracy" in res.stdout
+    ckpt = tmp_path / "run" / "checkpoints" / "rm-0"
+    res = _cli("eval", str(ROOT / "jobs" / "quickstart.yaml"), *ovr, f"eval.checkpoints=[{ckpt}]",
+               "--run-dir", str(tmp_path / "eval"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    again = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert again["accuracy"]["id"] == pytest.approx(summary["accuracy"]["id"], abs=1e-6)
+    res = _cli("export", *ovr, f"eval.checkpoints=[{ckpt}]", f"eval.export_dir={tmp_path / 'hf'}", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from r2m_ray.models.reward_model import RewardModel
+
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    ours = RewardModel.from_pretrained(ckpt).eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    tok.padding_side = "left"
+    enc = tok(["<|user|> add 3 5 <|assistant|> 8", "<|user|> max 1 9 2 <|assistant|> the answer is 9"],
+              return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.allclose(hf(**enc).logits.squeeze(-1), ours(enc["input_ids"], enc["attention_mask"]).rewards,
+                              atol=1e-4)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["rm", "rm.grm.alphaa=1"], "rm.grm.alphaa: unknown key"),
+    (["rm", "rm.deepspeed.ranks=zero"], "rm.deepspeed.ranks"),
+    (["rm", "/nonexistent.yaml"], "config file not found"),
+    (["eval"], "eval.checkpoints"),
+    (["rm", "data.train=/nonexistent/pairs.jsonl"], "/nonexistent/pairs.jsonl"),
+])
+def test_cli_bad_input_is_one_clear_line(tmp_path, args, needle):
+    res = _cli(*args, f"output_dir={tmp_path}", cwd=tmp_path)
+    assert res.returncode == 2
+    assert needle in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_bench_rm_writes_json(ray_session, tmp_path):
+    from r2m_ray.bench import bench_rm
+
+    cfg = _cfg(tmp_path, "rm.max_steps=6")
+    report = bench_rm(cfg, str(tmp_path / "bench.json"), str(tmp_path / "bench"))
+    on_disk = json.loads((tmp_path / "bench.json").read_text())
+    assert set(on_disk["variants"]) == {"bt", "grm_sft", "bt_prioritized"}
+    assert all(v["steps"] == 6 and v["pairs_per_second"] > 0 for v in on_disk["variants"].values())
+    assert on_disk["grm_step_time_ratio"] == pytest.approx(
+        on_disk["variants"]["grm_sft"]["train_seconds"] / on_disk["variants"]["bt"]["train_seconds"])
+    assert report["json"] == str(tmp_path / "bench.json")
