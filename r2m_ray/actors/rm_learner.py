@@ -10,8 +10,11 @@ address and a free port, starts the other ranks, and slices each batch per rank.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +49,30 @@ def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
 
 
-def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, backend: str) -> str:
-    """Set the torch.distributed environment and let DeepSpeed create the process group."""
+def rendezvous_for(master_addr: str, master_port: int) -> str:
+    """How ranks meet: a file on one node (loopback), TCP env:// across nodes.
+
+    torch's TCPStore listens on every interface whatever host it is given; a group whose
+    ranks all sit on this node meets through a FileStore instead, and gloo is pinned to
+    the loopback device, so a local run opens no port beyond 127.0.0.1.
+    """
+    if ipaddress.ip_address(master_addr).is_loopback:
+        return f"file://{tempfile.gettempdir()}/r2m-ray-rdzv-{uuid.uuid4().hex}"
+    return f"tcp://{master_addr}:{master_port}"
+
+
+def init_distributed(rank: int, world_size: int, rendezvous: str, backend: str) -> str:
+    """Let DeepSpeed create the process group (gloo on CPU, NCCL on GPU)."""
     import deepspeed
 
-    os.environ.update({"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0",
+                       "LOCAL_WORLD_SIZE": "1"})
+    if rendezvous.startswith("file://"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, init_method=rendezvous,
+                               rank=rank, world_size=world_size)
     return backend
 
 
@@ -98,7 +116,7 @@ class RMLearner:
         ip = node_ip()
         return ip, free_port(ip)
 
-    def init(self, cfg_json: str, model_dir: str, master_addr: str, master_port: int, seed: int) -> dict[str, Any]:
+    def init(self, cfg_json: str, model_dir: str, rendezvous: str, seed: int) -> dict[str, Any]:
         """Build the model (same seed on every rank) and the DeepSpeed engine."""
         import deepspeed
 
@@ -109,7 +127,7 @@ class RMLearner:
         payload = json.loads(cfg_json)
         self.cfg = _RM.model_validate(payload["rm"])
         model_cfg = ModelConfig.model_validate(payload["model"])
-        backend = init_distributed(self.rank, self.world_size, master_addr, master_port, self.cfg.deepspeed.backend)
+        backend = init_distributed(self.rank, self.world_size, rendezvous, self.cfg.deepspeed.backend)
         torch.manual_seed(seed)
         model = RewardModel.from_backbone_dir(Path(model_dir), value_head=model_cfg.value_head,
                                               head_hidden=model_cfg.head_hidden,
@@ -194,7 +212,8 @@ class RMLearnerGroup:
         self.actors = [RMLearner.options(**opts).remote(0, ds.ranks, threads)]
         master_addr, master_port = ray.get(self.actors[0].address.remote())
         self.actors += [RMLearner.options(**opts).remote(r, ds.ranks, threads) for r in range(1, ds.ranks)]
-        self.init_info = ray.get([a.init.remote(cfg_json, str(model_dir), master_addr, master_port, seed)
+        self.rendezvous = rendezvous_for(master_addr, master_port)
+        self.init_info = ray.get([a.init.remote(cfg_json, str(model_dir), self.rendezvous, seed)
                                   for a in self.actors])
 
     def _slices(self, batch: dict[str, torch.Tensor]) -> list[ray.ObjectRef]:
@@ -237,3 +256,5 @@ class RMLearnerGroup:
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a)
+        if self.rendezvous.startswith("file://"):
+            Path(self.rendezvous[len("file://"):]).unlink(missing_ok=True)
