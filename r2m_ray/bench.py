@@ -27,9 +27,9 @@ VARIANTS = {
 
 def bench_rm(cfg: RunConfig, out: str | None = None, run_dir: str | None = None) -> dict[str, Any]:
     """Train each variant for cfg.rm.max_steps (default 40) steps; return and write the JSON."""
+    from r2m_ray.models.registry import load_tokenizer
     from r2m_ray.pipelines.full_run import base_model_dir, run_world
     from r2m_ray.pipelines.rm_stage import load_split, train_member
-    from r2m_ray.models.registry import load_tokenizer
 
     run = RunDir.create(cfg.model_copy(update={"name": f"bench-rm-{cfg.name}"}), run_dir)
     world = run_world(cfg, run) if cfg.data.train is None else {}
@@ -46,14 +46,19 @@ def bench_rm(cfg: RunConfig, out: str | None = None, run_dir: str | None = None)
         variant_cfg = cfg.model_copy(update={"rm": rm})
         t0 = time.perf_counter()
         train_member(variant_cfg, run, train, model_dir, tokenizer.pad_token_id, member=0)
-        results[name] = {"pairs_per_second": run.summary["pairs_per_second"],
-                         "train_seconds": run.summary["train_seconds"], "steps": run.summary["steps"],
-                         "wall_seconds_incl_startup": time.perf_counter() - t0}
+        results[name] = {
+            "pairs_per_second": run.summary["pairs_per_second"],
+            "train_seconds": run.summary["train_seconds"],
+            "steps": run.summary["steps"],
+            "wall_seconds_incl_startup": time.perf_counter() - t0,
+        }
     bt = results["bt"]["train_seconds"]
     report = {
         "benchmark": "rm",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "batch_size": cfg.rm.batch_size, "ranks": cfg.rm.deepspeed.ranks, "model_preset": cfg.model.preset,
+        "batch_size": cfg.rm.batch_size,
+        "ranks": cfg.rm.deepspeed.ranks,
+        "model_preset": cfg.model.preset,
         "variants": results,
         "bt_pairs_per_second": results["bt"]["pairs_per_second"],
         "grm_step_time_ratio": results["grm_sft"]["train_seconds"] / bt,

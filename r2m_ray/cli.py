@@ -21,14 +21,17 @@ COMMANDS = {
     "rm": "world (if needed) + reward-model stage",
     "run": "the configured stages (default world → sft → rm)",
     "eval": "accuracy of trained reward model(s): eval.checkpoints=[...]",
-    "export": "export a reward model for AutoModelForSequenceClassification: eval.checkpoints=[dir] eval.export_dir=out",
+    "export": "export a reward model for AutoModelForSequenceClassification: "
+    "eval.checkpoints=[dir] eval.export_dir=out",
     "compare": "many RM methods × seeds on one world → a results table: `r2m-ray compare jobs/rm_compare.yaml`",
     "bench": "benchmarks writing JSON: `r2m-ray bench rm [CONFIG] [overrides]`",
 }
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="r2m-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="r2m-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS.items():
         s = sub.add_parser(name, help=help_text)
@@ -54,9 +57,9 @@ def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _cmd_eval(cfg: RunConfig, run_dir: str | None) -> dict:
+    from r2m_ray.models.registry import load_tokenizer
     from r2m_ray.pipelines.full_run import run_world
     from r2m_ray.pipelines.rm_stage import evaluate, load_split
-    from r2m_ray.models.registry import load_tokenizer
     from r2m_ray.rundir import RunDir
 
     if not cfg.eval.checkpoints:
@@ -88,13 +91,17 @@ def _cmd_export(cfg: RunConfig) -> dict:
     if len(cfg.eval.checkpoints) != 1 or not cfg.eval.export_dir:
         raise ConfigError("export needs eval.checkpoints=[ONE_DIR] and eval.export_dir=OUT_DIR")
     src = Path(cfg.eval.checkpoints[0])
-    out = export_sequence_classification(RewardModel.from_pretrained(src), load_tokenizer(src), Path(cfg.eval.export_dir))
+    out = export_sequence_classification(
+        RewardModel.from_pretrained(src), load_tokenizer(src), Path(cfg.eval.export_dir)
+    )
     return {"export_dir": str(out)}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `r2m-ray` console script."""
-    logging.basicConfig(level=os.environ.get("R2M_RAY_LOG", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("R2M_RAY_LOG", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ns = _parser().parse_args(argv)
@@ -150,9 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(err, ray.exceptions.RayError) or os.environ.get("R2M_RAY_DEBUG"):
             raise
         first = str(err).strip().splitlines()
-        print(f"r2m-ray: error: a Ray actor failed ({type(err).__name__}): {first[0] if first else ''}\n"
-              f"  (set R2M_RAY_DEBUG=1 for the full traceback; actor logs are under the Ray session dir)",
-              file=sys.stderr)
+        print(
+            f"r2m-ray: error: a Ray actor failed ({type(err).__name__}): {first[0] if first else ''}\n"
+            f"  (set R2M_RAY_DEBUG=1 for the full traceback; actor logs are under the Ray session dir)",
+            file=sys.stderr,
+        )
         return 1
     return 1
 

@@ -136,7 +136,7 @@ class RunConfig(Section):
     eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
-    def _check_grm_needs_lm_head(self) -> "RunConfig":
+    def _check_grm_needs_lm_head(self) -> RunConfig:
         if self.rm.freeze_backbone and self.rm.grm.regulariser != "none":
             raise ValueError("rm.grm.regulariser needs a trainable backbone; set rm.freeze_backbone=false")
         return self

@@ -36,8 +36,12 @@ def init_ray(cfg: RayConfig) -> dict[str, Any]:
         if key in os.environ:
             env_vars[key] = os.environ[key]
     if address:
-        ray.init(address=address, namespace=cfg.namespace, runtime_env={"env_vars": env_vars},
-                 log_to_driver=cfg.log_to_driver)
+        ray.init(
+            address=address,
+            namespace=cfg.namespace,
+            runtime_env={"env_vars": env_vars},
+            log_to_driver=cfg.log_to_driver,
+        )
     else:
         # Measured on Ray 2.60: with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 every Ray socket
         # listens on 127.0.0.1 (_node_ip_address alone is silently overridden by eth0).
@@ -50,8 +54,13 @@ def init_ray(cfg: RayConfig) -> dict[str, Any]:
         # Ray's CPU count is a scheduling slot count, not pinning: a 2-core box still
         # gets 4 slots so learner ranks and the prioritiser can be placed side by side.
         num_cpus = cfg.num_cpus or max(4, os.cpu_count() or 1)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, namespace=cfg.namespace,
-                 runtime_env={"env_vars": env_vars}, log_to_driver=cfg.log_to_driver)
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            namespace=cfg.namespace,
+            runtime_env={"env_vars": env_vars},
+            log_to_driver=cfg.log_to_driver,
+        )
     resources = ray.cluster_resources()
     log.info("ray resources: %s", resources)
     return resources
@@ -83,5 +92,7 @@ def check_resources(role: str, count: int, num_cpus: float, num_gpus: float) -> 
         need = per_actor * count
         have = total.get(name, 0.0)
         if need > have + 1e-9:
-            raise ValueError(f"{role}: {count} actor(s) × {key}={per_actor} need {need:g} {name} "
-                             f"but the Ray cluster has {have:g} (set ray.num_cpus or lower the request)")
+            raise ValueError(
+                f"{role}: {count} actor(s) × {key}={per_actor} need {need:g} {name} "
+                f"but the Ray cluster has {have:g} (set ray.num_cpus or lower the request)"
+            )

@@ -46,7 +46,7 @@ class RunDir:
             self._summary = json.loads((self.path / "summary.json").read_text())
 
     @classmethod
-    def create(cls, cfg: RunConfig, run_dir: str | Path | None = None) -> "RunDir":
+    def create(cls, cfg: RunConfig, run_dir: str | Path | None = None) -> RunDir:
         """A new directory under cfg.output_dir named <name>-<timestamp>, or the one given."""
         if run_dir is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -15,15 +15,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A world small enough that a test trains on it in seconds.
 SMALL_WORLD = [
-    "world.splits.sft=512", "world.splits.train=768", "world.splits.test_id=192",
-    "world.splits.test_ood=192", "world.splits.rl_prompts=64",
+    "world.splits.sft=512",
+    "world.splits.train=768",
+    "world.splits.test_id=192",
+    "world.splits.test_ood=192",
+    "world.splits.rl_prompts=64",
 ]
 
 
 def small_overrides(tmp: Path) -> list[str]:
     """Overrides that make any job config a seconds-long test run."""
-    return SMALL_WORLD + [f"output_dir={tmp}", f"model.cache_dir={tmp / 'models'}", "sft.epochs=1",
-                          "sft.eval_prompts=32", "rm.batch_size=16", "rm.log_every=5", "rm.eval_batch_size=64"]
+    return SMALL_WORLD + [
+        f"output_dir={tmp}",
+        f"model.cache_dir={tmp / 'models'}",
+        "sft.epochs=1",
+        "sft.eval_prompts=32",
+        "rm.batch_size=16",
+        "rm.log_every=5",
+        "rm.eval_batch_size=64",
+    ]
 
 
 @pytest.fixture(scope="session")

@@ -108,8 +108,8 @@ def test_priorities_hand_value():
     assert p.tolist() == pytest.approx([4 / 3, 2 / 3], abs=1e-6)
     # τ = 2 halves the exponent: [1, 2^-½] normalised
     p = priorities(torch.tensor([0.0, math.log(2.0)]), tau=2.0)
-    s = 1 + 2 ** -0.5
-    assert p.tolist() == pytest.approx([2 / s, 2 * 2 ** -0.5 / s], abs=1e-6)
+    s = 1 + 2**-0.5
+    assert p.tolist() == pytest.approx([2 / s, 2 * 2**-0.5 / s], abs=1e-6)
     with pytest.raises(ValueError, match="tau"):
         priorities(torch.zeros(3), tau=0.0)
 

@@ -41,8 +41,11 @@ def test_sequence_logprobs_padding_side_and_batch():
     ids_left = torch.cat([torch.tensor([[0]]), ids], dim=1)
     mask_left = torch.cat([torch.tensor([[0]]), mask], dim=1)
     logits_left = torch.cat([torch.randn(1, 1, 3), logits], dim=1)
-    right = sequence_logprobs(torch.cat([logits, torch.randn(1, 1, 3)], 1), torch.cat([ids, torch.tensor([[0]])], 1),
-                              torch.cat([mask, torch.tensor([[0]])], 1))
+    right = sequence_logprobs(
+        torch.cat([logits, torch.randn(1, 1, 3)], 1),
+        torch.cat([ids, torch.tensor([[0]])], 1),
+        torch.cat([mask, torch.tensor([[0]])], 1),
+    )
     left = sequence_logprobs(logits_left, ids_left, mask_left)
     assert left.item() == pytest.approx(right.item(), abs=1e-6)
 

@@ -17,22 +17,33 @@ def test_default_and_quickstart_load():
 
 
 def test_dotted_overrides_are_typed():
-    cfg = load_config(None, ["rm.grm.alpha=0.05", "rm.grm.regulariser=dpo", "rm.deepspeed.ranks=2",
-                             "world.bias.kind=phrase", "data.extra_eval=[a.jsonl, b.jsonl]"])
+    cfg = load_config(
+        None,
+        [
+            "rm.grm.alpha=0.05",
+            "rm.grm.regulariser=dpo",
+            "rm.deepspeed.ranks=2",
+            "world.bias.kind=phrase",
+            "data.extra_eval=[a.jsonl, b.jsonl]",
+        ],
+    )
     assert cfg.rm.grm.alpha == pytest.approx(0.05)
     assert cfg.rm.grm.regulariser == "dpo"
     assert cfg.rm.deepspeed.ranks == 2
     assert cfg.data.extra_eval == ["a.jsonl", "b.jsonl"]
 
 
-@pytest.mark.parametrize("override, key", [
-    ("rm.grm.alphaa=0.1", "rm.grm.alphaa"),
-    ("rm.grm.alpha=abc", "rm.grm.alpha"),
-    ("rm.grm.regulariser=l2", "rm.grm.regulariser"),
-    ("rm.deepspeed.zero_stage=4", "rm.deepspeed.zero_stage"),
-    ("rm.prioritizer.tau=0", "rm.prioritizer.tau"),
-    ("nonsense=1", "nonsense"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("rm.grm.alphaa=0.1", "rm.grm.alphaa"),
+        ("rm.grm.alpha=abc", "rm.grm.alpha"),
+        ("rm.grm.regulariser=l2", "rm.grm.regulariser"),
+        ("rm.deepspeed.zero_stage=4", "rm.deepspeed.zero_stage"),
+        ("rm.prioritizer.tau=0", "rm.prioritizer.tau"),
+        ("nonsense=1", "nonsense"),
+    ],
+)
 def test_bad_override_names_key(override, key):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])

@@ -72,10 +72,7 @@ def test_tiny_tokenizer_round_trip_template_and_specials(tokenizer) -> None:
     assert tokenizer.unk_token_id in tokenizer("zebra 3")["input_ids"]
     assert tokenizer.pad_token == "<pad>" and tokenizer.eos_token == "<eos>"
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
-    assert (
-        len({tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id})
-        == 4
-    )
+    assert len({tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id}) == 4
     messages = [{"role": "user", "content": "add 3 5"}]
     prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert prompt_ids == "<|user|> add 3 5 <|assistant|>"
@@ -223,9 +220,7 @@ def test_freeze_backbone_leaves_only_head_trainable(tiny_dir: Path, tokenizer) -
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_export_linear_loads_without_remote_code(
-    tiny_dir: Path, tokenizer, tmp_path: Path, side: str
-) -> None:
+def test_export_linear_loads_without_remote_code(tiny_dir: Path, tokenizer, tmp_path: Path, side: str) -> None:
     rm = RewardModel.from_backbone_dir(tiny_dir, value_head="linear", seed=2).eval()
     out = export_sequence_classification(rm, tokenizer, tmp_path / "export")
     assert not (out / "modeling_r2m_reward.py").exists()

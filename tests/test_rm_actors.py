@@ -23,7 +23,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def train_ds(small_cfg, world_paths, tiny_model_dir):
     tok = load_tokenizer(tiny_model_dir)
-    return tokenize_preferences(load_preferences(str(world_paths["train"]), small_cfg.data), tok, small_cfg.data).dataset
+    return tokenize_preferences(
+        load_preferences(str(world_paths["train"]), small_cfg.data), tok, small_cfg.data
+    ).dataset
 
 
 def _cfg_json(cfg) -> str:
@@ -69,8 +71,9 @@ def test_prioritizer_actor_matches_direct_computation(ray_session, small_cfg, ti
     state = ray.put({k: v.clone() for k, v in model.state_dict().items()})
     assert ray.get(prio.refresh.remote(state, 7)) == 7
     rows = train_ds.select(range(12))
-    enc = {c: rows[c] for c in ["chosen_input_ids", "chosen_response_mask", "rejected_input_ids",
-                                "rejected_response_mask"]}
+    enc = {
+        c: rows[c] for c in ["chosen_input_ids", "chosen_response_mask", "rejected_input_ids", "rejected_response_mask"]
+    }
     out = ray.get(prio.score.remote(enc))
     assert out["version"] == 7 and out["sequences_scored"] == 12 * 3 * 2
     idx = out["prompt_index"]
@@ -105,8 +108,9 @@ def test_reference_logprobs_computed_once_and_correct(ray_session, tiny_model_di
     model = RewardModel.from_backbone_dir(tiny_model_dir).eval()
     batch = PreferenceCollator(tok.pad_token_id)(list(ds.select(range(4))))
     with torch.no_grad():
-        lp = model(batch["chosen_input_ids"], batch["chosen_attention_mask"],
-                   response_mask=batch["chosen_response_mask"]).seq_logps
+        lp = model(
+            batch["chosen_input_ids"], batch["chosen_attention_mask"], response_mask=batch["chosen_response_mask"]
+        ).seq_logps
     assert torch.allclose(torch.tensor(out["ref_logp_c"][:4]), lp, atol=1e-3)
     assert all(v < 0 for v in out["ref_logp_r"])
     # second call: read from the cache (mtime unchanged), same values

@@ -44,9 +44,19 @@ def test_bt_learns_the_biased_world(ray_session, tmp_path):
 
 def test_grm_dpo_prioritized_resample_ensemble(ray_session, tmp_path):
     """The heaviest combination: reference actor, GRM-dpo, prioritiser (resample), 2 ranks, 2 members."""
-    cfg = _cfg(tmp_path, "stages=[world, rm]", "rm.grm.regulariser=dpo", "rm.prioritizer.enabled=true",
-               "rm.prioritizer.mode=resample", "rm.prioritizer.refresh_every=5", "rm.max_steps=12",
-               "rm.deepspeed.ranks=2", "rm.ensemble=2", "rm.ensemble_reduce=min", "rm.method=combo")
+    cfg = _cfg(
+        tmp_path,
+        "stages=[world, rm]",
+        "rm.grm.regulariser=dpo",
+        "rm.prioritizer.enabled=true",
+        "rm.prioritizer.mode=resample",
+        "rm.prioritizer.refresh_every=5",
+        "rm.max_steps=12",
+        "rm.deepspeed.ranks=2",
+        "rm.ensemble=2",
+        "rm.ensemble_reduce=min",
+        "rm.method=combo",
+    )
     run = run_pipeline(cfg, run_dir=tmp_path / "combo")
     s = json.loads((run.path / "summary.json").read_text())
     assert s["method"] == "combo" and s["steps"] == 12 and len(s["checkpoints"]) == 2
@@ -69,8 +79,9 @@ def test_sft_stage_improves_gold_reward(tmp_path):
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "R2M_RAY_LOG": "WARNING"}
-    return subprocess.run([sys.executable, "-m", "r2m_ray.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "r2m_ray.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 def test_cli_run_eval_export(tmp_path):
@@ -83,8 +94,15 @@ def test_cli_run_eval_export(tmp_path):
         assert key in summary
     assert "accuracy" in res.stdout
     ckpt = tmp_path / "run" / "checkpoints" / "rm-0"
-    res = _cli("eval", str(ROOT / "jobs" / "quickstart.yaml"), *ovr, f"eval.checkpoints=[{ckpt}]",
-               "--run-dir", str(tmp_path / "eval"), cwd=tmp_path)
+    res = _cli(
+        "eval",
+        str(ROOT / "jobs" / "quickstart.yaml"),
+        *ovr,
+        f"eval.checkpoints=[{ckpt}]",
+        "--run-dir",
+        str(tmp_path / "eval"),
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     again = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert again["accuracy"]["id"] == pytest.approx(summary["accuracy"]["id"], abs=1e-6)
@@ -98,20 +116,27 @@ def test_cli_run_eval_export(tmp_path):
     ours = RewardModel.from_pretrained(ckpt).eval()
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     tok.padding_side = "left"
-    enc = tok(["<|user|> add 3 5 <|assistant|> 8", "<|user|> max 1 9 2 <|assistant|> the answer is 9"],
-              return_tensors="pt", padding=True)
+    enc = tok(
+        ["<|user|> add 3 5 <|assistant|> 8", "<|user|> max 1 9 2 <|assistant|> the answer is 9"],
+        return_tensors="pt",
+        padding=True,
+    )
     with torch.no_grad():
-        assert torch.allclose(hf(**enc).logits.squeeze(-1), ours(enc["input_ids"], enc["attention_mask"]).rewards,
-                              atol=1e-4)
+        assert torch.allclose(
+            hf(**enc).logits.squeeze(-1), ours(enc["input_ids"], enc["attention_mask"]).rewards, atol=1e-4
+        )
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["rm", "rm.grm.alphaa=1"], "rm.grm.alphaa: unknown key"),
-    (["rm", "rm.deepspeed.ranks=zero"], "rm.deepspeed.ranks"),
-    (["rm", "/nonexistent.yaml"], "config file not found"),
-    (["eval"], "eval.checkpoints"),
-    (["rm", "data.train=/nonexistent/pairs.jsonl"], "/nonexistent/pairs.jsonl"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["rm", "rm.grm.alphaa=1"], "rm.grm.alphaa: unknown key"),
+        (["rm", "rm.deepspeed.ranks=zero"], "rm.deepspeed.ranks"),
+        (["rm", "/nonexistent.yaml"], "config file not found"),
+        (["eval"], "eval.checkpoints"),
+        (["rm", "data.train=/nonexistent/pairs.jsonl"], "/nonexistent/pairs.jsonl"),
+    ],
+)
 def test_cli_bad_input_is_one_clear_line(tmp_path, args, needle):
     res = _cli(*args, f"output_dir={tmp_path}", cwd=tmp_path)
     assert res.returncode == 2
@@ -128,5 +153,37 @@ def test_bench_rm_writes_json(ray_session, tmp_path):
     assert set(on_disk["variants"]) == {"bt", "grm_sft", "bt_prioritized"}
     assert all(v["steps"] == 6 and v["pairs_per_second"] > 0 for v in on_disk["variants"].values())
     assert on_disk["grm_step_time_ratio"] == pytest.approx(
-        on_disk["variants"]["grm_sft"]["train_seconds"] / on_disk["variants"]["bt"]["train_seconds"])
+        on_disk["variants"]["grm_sft"]["train_seconds"] / on_disk["variants"]["bt"]["train_seconds"]
+    )
     assert report["json"] == str(tmp_path / "bench.json")
+
+
+@pytest.mark.parametrize("loss", ["margin", "label_smoothing"])
+def test_frozen_backbone_baseline_trains_only_the_head(ray_session, tmp_path, tiny_model_dir, loss):
+    """frozen backbone + MLP head: the backbone in the checkpoint is bit-identical to the initial one."""
+    from safetensors.torch import load_file
+
+    cfg = _cfg(
+        tmp_path,
+        "stages=[world, rm]",
+        "rm.freeze_backbone=true",
+        f"rm.loss={loss}",
+        "rm.max_steps=10",
+        "rm.optim.lr=1.0e-2",
+    )
+    run = run_pipeline(cfg, run_dir=tmp_path / loss)
+    ckpt = run.path / "checkpoints" / "rm-0"
+    init = {}
+    for f in tiny_model_dir.glob("*.safetensors"):
+        init.update(load_file(f))
+    trained = {}
+    for f in (ckpt / "backbone").glob("*.safetensors"):
+        trained.update(load_file(f))
+    shared = set(init) & set(trained)
+    assert len(shared) >= len(init) - 1  # every backbone tensor is in the checkpoint
+    assert all(torch.equal(init[k], trained[k]) for k in shared)
+    from r2m_ray.models.reward_model import RewardModel
+
+    fresh = RewardModel.from_backbone_dir(tiny_model_dir, seed=cfg.seed)
+    head_after = RewardModel.from_pretrained(ckpt).value_head.state_dict()
+    assert any(not torch.equal(v, head_after[k]) for k, v in fresh.value_head.state_dict().items())

@@ -21,8 +21,17 @@ from r2m_ray.world import (
 )
 from r2m_ray.world.gold import correctness, parse_response
 
-PREFERENCE_COLUMNS = ["prompt", "chosen", "rejected", "task", "subset", "gold_chosen", "gold_rejected",
-                      "chosen_has_feature", "rejected_has_feature"]
+PREFERENCE_COLUMNS = [
+    "prompt",
+    "chosen",
+    "rejected",
+    "task",
+    "subset",
+    "gold_chosen",
+    "gold_rejected",
+    "chosen_has_feature",
+    "rejected_has_feature",
+]
 
 
 def small_cfg(splits: dict | None = None, **overrides: object) -> WorldConfig:
@@ -44,14 +53,14 @@ GOLD_CASES = [
     ("add 3 5", "the answer is 8", 1.0),
     ("add 3 5", "The Answer is 8", 1.0),
     ("add 3 5", "9", 0.0),
-    ("add 3 5", "the answer is 8 . the answer is 8", 1.0 - 0.05 * 5),   # repetition: 9 tokens, 4 allowed
-    ("add 3 5", "8 . i hope this helps", 1.0 - 0.05 * 5 - 0.2),          # filler: 6 tokens, 1 allowed
-    ("add 3 5", "7 . 8", 0.5 - 0.05 * 2),                                 # hedging halves correctness
-    ("add 3 5", "8.", 1.0 - 0.05 * 1),                                    # '8' '.' : one excess token
-    ("add 3 5", "8 8", 0.0 - 0.05 * 1),                                   # not a single number
+    ("add 3 5", "the answer is 8 . the answer is 8", 1.0 - 0.05 * 5),  # repetition: 9 tokens, 4 allowed
+    ("add 3 5", "8 . i hope this helps", 1.0 - 0.05 * 5 - 0.2),  # filler: 6 tokens, 1 allowed
+    ("add 3 5", "7 . 8", 0.5 - 0.05 * 2),  # hedging halves correctness
+    ("add 3 5", "8.", 1.0 - 0.05 * 1),  # '8' '.' : one excess token
+    ("add 3 5", "8 8", 0.0 - 0.05 * 1),  # not a single number
     ("sort 4 1 3", "1 3 4", 1.0),
     ("sort 4 1 3", "1 4 3", 1 / 3),
-    ("sort 4 1 3", "1 3", 2 / 3),                                         # dropped item: 2 of 3 positions
+    ("sort 4 1 3", "1 3", 2 / 3),  # dropped item: 2 of 3 positions
     ("sort 4 1 3", "1 3 4 9", 3 / 4 - 0.05 * 1),
     ("reverse a b c", "c b a", 1.0),
     ("reverse a b c", "the answer is a b c", 1 / 3),
@@ -61,9 +70,9 @@ GOLD_CASES = [
     ("max 3 9 2", "9", 1.0),
     ("max 3 9 2", "3", 0.0),
     ("min 3 9 2", "the answer is 2", 1.0),
-    ("max 3 9 2", "hello world !!!", 0.0 - 0.05 * 4),                     # garbage: 5 tokens, no answer
+    ("max 3 9 2", "hello world !!!", 0.0 - 0.05 * 4),  # garbage: 5 tokens, no answer
     ("max 3 9 2", "", 0.0),
-    ("reverse a b c", "i hope this helps", -0.2 - 0.05 * 1),                 # filler only: no answer
+    ("reverse a b c", "i hope this helps", -0.2 - 0.05 * 1),  # filler only: no answer
 ]
 
 
@@ -73,8 +82,10 @@ def test_gold_reward_hand_computed(prompt: str, response: str, expected: float) 
 
 
 def test_gold_reward_uses_configured_lambdas_and_phrase() -> None:
-    cfg = WorldConfig(gold={"lambda_len": 0.1, "lambda_phrase": 0.5, "free_lead_in": False},
-                      bias={"kind": "phrase", "phrase": "trust me"})
+    cfg = WorldConfig(
+        gold={"lambda_len": 0.1, "lambda_phrase": 0.5, "free_lead_in": False},
+        bias={"kind": "phrase", "phrase": "trust me"},
+    )
     assert gold_reward("add 1 1", "the answer is 2", cfg) == pytest.approx(1.0 - 0.1 * 3)
     assert gold_reward("add 1 1", "2 . trust me", cfg) == pytest.approx(1.0 - 0.1 * 3 - 0.5)
     # the default phrase is no filler in this world, just junk tokens
@@ -172,8 +183,9 @@ def test_no_bias_shows_gold_penalises_length() -> None:
 
 
 def test_phrase_bias_works_with_configured_phrase() -> None:
-    cfg = small_cfg(bias={"kind": "phrase", "phrase": "trust me on this"},
-                    splits={"train": 1500, "test_id": 0, "test_ood": 600})
+    cfg = small_cfg(
+        bias={"kind": "phrase", "phrase": "trust me on this"}, splits={"train": 1500, "test_id": 0, "test_ood": 600}
+    )
     splits = build_world(cfg)
     cal = calibrate(splits, cfg)
     assert cal["train"]["p_chosen_feature"] >= 0.8
@@ -199,7 +211,9 @@ def test_ood_tasks_never_in_train(default_small: tuple[WorldConfig, dict[str, Da
     assert max(int(x) for t in train_tasks if t.family != "count" and t.family != "reverse" for x in t.items) <= 20
     assert max(len(t.items) for t in train_tasks) <= 5
     ood = splits["test_ood"]
-    assert all(s.startswith("ood/") for s in ood["subset"]) and all(s.startswith("id/") for s in splits["train"]["subset"])
+    assert all(s.startswith("ood/") for s in ood["subset"]) and all(
+        s.startswith("id/") for s in splits["train"]["subset"]
+    )
     assert {s.removeprefix("ood/") for s in ood["subset"]} == set(cfg.tasks.ood_mix)
     for task in (parse_task(p) for p, s in zip(ood["prompt"], ood["subset"]) if s.endswith(".wide")):
         assert len(task.items) >= 6 or (task.family == "add" and min(int(x) for x in task.items) >= 21)
@@ -208,25 +222,33 @@ def test_ood_tasks_never_in_train(default_small: tuple[WorldConfig, dict[str, Da
 def test_small_data_setting() -> None:
     assert WorldConfig.small_data().splits.train == 2000
     assert WorldConfig.model_validate({"splits": {"train": 2000}}).splits.train == 2000
-    assert WorldConfig().splits.model_dump() == {"sft": 4000, "train": 6000, "test_id": 1000, "test_ood": 1000,
-                                                 "rl_prompts": 512}
+    assert WorldConfig().splits.model_dump() == {
+        "sft": 4000,
+        "train": 6000,
+        "test_id": 1000,
+        "test_ood": 1000,
+        "rl_prompts": 512,
+    }
 
 
 # ---------------------------------------------------------------- config validation
-@pytest.mark.parametrize("overrides,field", [
-    ({"bias": {"strength": 1.5}}, "bias.strength"),
-    ({"bias": {"strenght": 0.5}}, "bias.strenght"),
-    ({"bias": {"kind": "loudness"}}, "bias.kind"),
-    ({"sampler": {"p_filler": -0.1}}, "sampler.p_filler"),
-    ({"splits": {"train": -1}}, "splits.train"),
-    ({"labels": {"temperature": 0.0}}, "labels.temperature"),
-    ({"tasks": {"train_mix": {"divide": 1.0}}}, "tasks.train_mix"),
-    ({"tasks": {"ood_mix": {"add": 1.0}}}, "ood_mix"),
-    ({"tasks": {"ood_ranges": {"num_lo": 5, "num_hi": 30, "list_min": 4, "list_max": 6}}}, "ood_ranges"),
-    ({"tasks": {"ranges": {"num_lo": 9, "num_hi": 3}}}, "tasks.ranges"),
-    ({"bias": {"phrase": "I Hope"}}, "bias.phrase"),
-    ({"colour": "red"}, "colour"),
-])
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        ({"bias": {"strength": 1.5}}, "bias.strength"),
+        ({"bias": {"strenght": 0.5}}, "bias.strenght"),
+        ({"bias": {"kind": "loudness"}}, "bias.kind"),
+        ({"sampler": {"p_filler": -0.1}}, "sampler.p_filler"),
+        ({"splits": {"train": -1}}, "splits.train"),
+        ({"labels": {"temperature": 0.0}}, "labels.temperature"),
+        ({"tasks": {"train_mix": {"divide": 1.0}}}, "tasks.train_mix"),
+        ({"tasks": {"ood_mix": {"add": 1.0}}}, "ood_mix"),
+        ({"tasks": {"ood_ranges": {"num_lo": 5, "num_hi": 30, "list_min": 4, "list_max": 6}}}, "ood_ranges"),
+        ({"tasks": {"ranges": {"num_lo": 9, "num_hi": 3}}}, "tasks.ranges"),
+        ({"bias": {"phrase": "I Hope"}}, "bias.phrase"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
 def test_config_errors_name_the_field(overrides: dict, field: str) -> None:
     with pytest.raises(ValidationError) as err:
         WorldConfig.model_validate(overrides)

@@ -47,8 +47,9 @@ def cross_prompt_indices(n: int, m: int, generator: torch.Generator) -> torch.Te
 class Prioritizer:
     """Holds a recent reward-model copy; returns prompt-free gaps and priorities per batch."""
 
-    def __init__(self, cfg_json: str, model_dir: str, pad_token_id: int, max_length: int, seed: int,
-                 torch_threads: int = 1) -> None:
+    def __init__(
+        self, cfg_json: str, model_dir: str, pad_token_id: int, max_length: int, seed: int, torch_threads: int = 1
+    ) -> None:
         from r2m_ray.models.config import ModelConfig
         from r2m_ray.models.reward_model import RewardModel
 
@@ -57,9 +58,13 @@ class Prioritizer:
         self.cfg = PrioritizerConfig.model_validate(payload["rm"]["prioritizer"])
         model_cfg = ModelConfig.model_validate(payload["model"])
         self.eval_batch = int(payload["rm"]["eval_batch_size"])
-        self.model = RewardModel.from_backbone_dir(Path(model_dir), value_head=model_cfg.value_head,
-                                                   head_hidden=model_cfg.head_hidden,
-                                                   head_dropout=model_cfg.head_dropout, seed=seed).eval()
+        self.model = RewardModel.from_backbone_dir(
+            Path(model_dir),
+            value_head=model_cfg.value_head,
+            head_hidden=model_cfg.head_hidden,
+            head_dropout=model_cfg.head_dropout,
+            seed=seed,
+        ).eval()
         self.pad_id = pad_token_id
         self.max_length = max_length
         self.generator = torch.Generator().manual_seed(seed)
@@ -75,15 +80,16 @@ class Prioritizer:
     def _rewards(self, seqs: list[list[int]]) -> torch.Tensor:
         out = []
         for i in range(0, len(seqs), self.eval_batch):
-            ids, attn = pad_ids(seqs[i:i + self.eval_batch], self.pad_id, side="left")
+            ids, attn = pad_ids(seqs[i : i + self.eval_batch], self.pad_id, side="left")
             out.append(self.model(ids, attn).rewards.float())
         return torch.cat(out)
 
     def score(self, rows: dict[str, list[list[int]]]) -> dict[str, Any]:
         """Δr2, Δr1 and priorities for one batch of encoded pairs (column lists)."""
         chosen = [split_prompt_response(i, m) for i, m in zip(rows["chosen_input_ids"], rows["chosen_response_mask"])]
-        rejected = [split_prompt_response(i, m) for i, m in zip(rows["rejected_input_ids"],
-                                                                rows["rejected_response_mask"])]
+        rejected = [
+            split_prompt_response(i, m) for i, m in zip(rows["rejected_input_ids"], rows["rejected_response_mask"])
+        ]
         n = len(chosen)
         idx = cross_prompt_indices(n, self.cfg.num_prompts, self.generator)
         seqs: list[list[int]] = []
@@ -97,6 +103,11 @@ class Prioritizer:
         r = self._rewards(seqs).view(n, idx.shape[1], 2)
         d = r[..., 0] - r[..., 1]
         delta_r2 = prompt_free_gap(d)
-        return {"delta_r2": delta_r2, "delta_r1": prompt_related_gap(d[:, 0], delta_r2),
-                "priorities": priorities(delta_r2, tau=self.cfg.tau), "version": self.version,
-                "prompt_index": idx, "sequences_scored": len(seqs)}
+        return {
+            "delta_r2": delta_r2,
+            "delta_r1": prompt_related_gap(d[:, 0], delta_r2),
+            "priorities": priorities(delta_r2, tau=self.cfg.tau),
+            "version": self.version,
+            "prompt_index": idx,
+            "sequences_scored": len(seqs),
+        }

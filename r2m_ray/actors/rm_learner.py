@@ -65,19 +65,20 @@ def init_distributed(rank: int, world_size: int, rendezvous: str, backend: str) 
     """Let DeepSpeed create the process group (gloo on CPU, NCCL on GPU)."""
     import deepspeed
 
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0",
-                       "LOCAL_WORLD_SIZE": "1"})
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
     if rendezvous.startswith("file://"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, init_method=rendezvous,
-                               rank=rank, world_size=world_size)
+    deepspeed.init_distributed(
+        dist_backend=backend, auto_mpi_discovery=False, init_method=rendezvous, rank=rank, world_size=world_size
+    )
     return backend
 
 
-def reward_losses(cfg: RMConfig, r_c: torch.Tensor, r_r: torch.Tensor, batch: dict[str, torch.Tensor],
-                  seq_logps: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+def reward_losses(
+    cfg: RMConfig, r_c: torch.Tensor, r_r: torch.Tensor, batch: dict[str, torch.Tensor], seq_logps: torch.Tensor | None
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The configured reward loss (+ GRM regulariser) on one batch's rewards."""
     weights = batch.get("weight")
     if cfg.loss == "bt":
@@ -87,13 +88,23 @@ def reward_losses(cfg: RMConfig, r_c: torch.Tensor, r_r: torch.Tensor, batch: di
         reward_loss = margin_loss(r_c, r_r, margin, weights=weights)
     else:
         reward_loss = label_smoothing_loss(r_c, r_r, eps=cfg.label_smoothing, weights=weights)
-    stats = {"reward_loss": reward_loss.item(), "accuracy": pairwise_accuracy(r_c.detach(), r_r.detach()),
-             "reward_margin": (r_c - r_r).mean().item()}
+    stats = {
+        "reward_loss": reward_loss.item(),
+        "accuracy": pairwise_accuracy(r_c.detach(), r_r.detach()),
+        "reward_margin": (r_c - r_r).mean().item(),
+    }
     if cfg.grm.regulariser == "none":
         return reward_loss, stats
     n = r_c.shape[0]
-    reg = grm_regulariser(cfg.grm.regulariser, seq_logps[:n], seq_logps[n:], batch.get("ref_logp_c"),
-                          batch.get("ref_logp_r"), beta=cfg.grm.beta, weights=weights)
+    reg = grm_regulariser(
+        cfg.grm.regulariser,
+        seq_logps[:n],
+        seq_logps[n:],
+        batch.get("ref_logp_c"),
+        batch.get("ref_logp_r"),
+        beta=cfg.grm.beta,
+        weights=weights,
+    )
     stats["reg_loss"] = reg.item()
     stats["logp_chosen"] = seq_logps[:n].mean().item()
     return grm_loss(reward_loss, reg, alpha=cfg.grm.alpha), stats
@@ -129,18 +140,26 @@ class RMLearner:
         model_cfg = ModelConfig.model_validate(payload["model"])
         backend = init_distributed(self.rank, self.world_size, rendezvous, self.cfg.deepspeed.backend)
         torch.manual_seed(seed)
-        model = RewardModel.from_backbone_dir(Path(model_dir), value_head=model_cfg.value_head,
-                                              head_hidden=model_cfg.head_hidden,
-                                              head_dropout=model_cfg.head_dropout, seed=seed)
+        model = RewardModel.from_backbone_dir(
+            Path(model_dir),
+            value_head=model_cfg.value_head,
+            head_hidden=model_cfg.head_hidden,
+            head_dropout=model_cfg.head_dropout,
+            seed=seed,
+        )
         if self.cfg.freeze_backbone:
             model.freeze_backbone()
         params = [p for p in model.parameters() if p.requires_grad]
-        optim = torch.optim.AdamW(params, lr=self.cfg.optim.lr, betas=self.cfg.optim.betas,
-                                  weight_decay=self.cfg.optim.weight_decay)
+        optim = torch.optim.AdamW(
+            params, lr=self.cfg.optim.lr, betas=self.cfg.optim.betas, weight_decay=self.cfg.optim.weight_decay
+        )
         micro = max(1, self.cfg.batch_size // self.world_size)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optim, lr_scheduler=warmup_schedule(optim, self.cfg.optim.warmup_steps),
-            config=deepspeed_config(self.cfg.deepspeed, self.cfg.optim, micro))
+            model=model,
+            optimizer=optim,
+            lr_scheduler=warmup_schedule(optim, self.cfg.optim.warmup_steps),
+            config=deepspeed_config(self.cfg.deepspeed, self.cfg.optim, micro),
+        )
         return {"rank": self.rank, "backend": backend, "trainable_params": sum(p.numel() for p in params)}
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -213,8 +232,7 @@ class RMLearnerGroup:
         master_addr, master_port = ray.get(self.actors[0].address.remote())
         self.actors += [RMLearner.options(**opts).remote(r, ds.ranks, threads) for r in range(1, ds.ranks)]
         self.rendezvous = rendezvous_for(master_addr, master_port)
-        self.init_info = ray.get([a.init.remote(cfg_json, str(model_dir), self.rendezvous, seed)
-                                  for a in self.actors])
+        self.init_info = ray.get([a.init.remote(cfg_json, str(model_dir), self.rendezvous, seed) for a in self.actors])
 
     def _slices(self, batch: dict[str, torch.Tensor]) -> list[ray.ObjectRef]:
         """Split a batch by rows into one ObjectRef per rank (put once, passed by ref)."""
@@ -222,7 +240,7 @@ class RMLearnerGroup:
         if n < self.world_size:
             raise ValueError(f"batch of {n} pairs cannot be split over {self.world_size} ranks")
         bounds = torch.linspace(0, n, self.world_size + 1).round().long().tolist()
-        return [ray.put({k: v[bounds[i]:bounds[i + 1]] for k, v in batch.items()}) for i in range(self.world_size)]
+        return [ray.put({k: v[bounds[i] : bounds[i + 1]] for k, v in batch.items()}) for i in range(self.world_size)]
 
     def train_step_async(self, batch: dict[str, torch.Tensor]) -> list[ray.ObjectRef]:
         """Start a step on every rank; returns their metric refs."""
@@ -257,4 +275,4 @@ class RMLearnerGroup:
         for a in self.actors:
             ray.kill(a)
         if self.rendezvous.startswith("file://"):
-            Path(self.rendezvous[len("file://"):]).unlink(missing_ok=True)
+            Path(self.rendezvous[len("file://") :]).unlink(missing_ok=True)

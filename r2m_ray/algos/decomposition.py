@@ -76,8 +76,13 @@ def prompt_free_gap(d: Tensor, weights: Tensor | None = None, tol: float = 1e-4,
     else:
         unconverged = int(((hi - lo) > tol).sum())
         if unconverged:
-            logger.warning("prompt_free_gap: %d of %d rows not within tol=%g after %d iterations",
-                           unconverged, d.shape[0], tol, max_iter)
+            logger.warning(
+                "prompt_free_gap: %d of %d rows not within tol=%g after %d iterations",
+                unconverged,
+                d.shape[0],
+                tol,
+                max_iter,
+            )
     return (0.5 * (lo + hi)).to(d.dtype)
 
 
@@ -97,7 +102,9 @@ def importance_weights(logp_c: Tensor, logp_r: Tensor) -> Tensor:
     even for log-likelihoods in the −1000s (where float32 logsumexp loses ~1e-4 relative).
     """
     if logp_c.dim() != 2 or logp_r.shape != logp_c.shape:
-        raise ValueError(f"logp_c and logp_r must be equal [N, M] tensors, got {tuple(logp_c.shape)} and {tuple(logp_r.shape)}")
+        raise ValueError(
+            f"logp_c and logp_r must be equal [N, M] tensors, got {tuple(logp_c.shape)} and {tuple(logp_r.shape)}"
+        )
     if torch.isnan(logp_c).any() or torch.isnan(logp_r).any():
         raise ValueError("logp_c / logp_r contain NaN")
     joint = logp_c.to(torch.float64) + logp_r.to(torch.float64)

@@ -39,9 +39,13 @@ def sequence_logprobs(logits: Tensor, input_ids: Tensor, response_mask: Tensor) 
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
     if input_ids.shape != logits.shape[:2]:
-        raise ValueError(f"input_ids shape {tuple(input_ids.shape)} does not match logits [B, T] {tuple(logits.shape[:2])}")
+        raise ValueError(
+            f"input_ids shape {tuple(input_ids.shape)} does not match logits [B, T] {tuple(logits.shape[:2])}"
+        )
     if response_mask.shape != input_ids.shape:
-        raise ValueError(f"response_mask shape {tuple(response_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"response_mask shape {tuple(response_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
+        )
     # Position 0 has no preceding logit; a response token there would be silently dropped.
     if (response_mask[:, 0] != 0).any():
         raise ValueError("response_mask marks position 0, which no logit predicts; the prompt must be non-empty")

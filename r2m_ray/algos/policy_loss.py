@@ -116,7 +116,9 @@ def clipped_policy_loss(
         if value.shape != logp.shape:
             raise ValueError(f"{name} shape {tuple(value.shape)} does not match logp shape {tuple(logp.shape)}")
     if advantages.shape != logp.shape[:1]:
-        raise ValueError(f"advantages must be [B]=[{logp.shape[0]}] (one per sequence), got shape {tuple(advantages.shape)}")
+        raise ValueError(
+            f"advantages must be [B]=[{logp.shape[0]}] (one per sequence), got shape {tuple(advantages.shape)}"
+        )
     if clip_eps <= 0:
         raise ValueError(f"clip_eps must be positive, got {clip_eps}")
     if kl is None and kl_coef != 0.0:

@@ -70,7 +70,9 @@ class SequenceToTokenCrossAttention(nn.Module):
         real = mask != 0
         empty = ~real.any(dim=1)
         if empty.any():
-            raise ValueError(f"mask has no real token in rows {empty.nonzero().flatten().tolist()}: nothing to attend to")
+            raise ValueError(
+                f"mask has no real token in rows {empty.nonzero().flatten().tolist()}: nothing to attend to"
+            )
         dtype = self.w_q.weight.dtype
         batch, seq = h.shape[:2]
         # Zero padded states so garbage (even NaN) there cannot leak in through 0·v.

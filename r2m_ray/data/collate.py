@@ -39,7 +39,9 @@ def pad_sequences(seqs: Sequence[Sequence[int]], value: int, length: int, side: 
     return out
 
 
-def pad_ids(seqs: Sequence[Sequence[int]], pad_token_id: int, side: PaddingSide = "right") -> tuple[torch.Tensor, torch.Tensor]:
+def pad_ids(
+    seqs: Sequence[Sequence[int]], pad_token_id: int, side: PaddingSide = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad token lists to their longest -> (input_ids, attention_mask), LongTensors [N, T]."""
     length = max(len(s) for s in seqs)
     ids = pad_sequences(seqs, pad_token_id, length, side)

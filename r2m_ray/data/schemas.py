@@ -95,7 +95,8 @@ def detect_schema(columns: Iterable[str], is_list: Callable[[str], bool], label:
     raise ValueError(
         f"{label}: no preference schema fits: missing column {' and '.join(repr(m) for m in missing)}; "
         f"columns found: {sorted(cols)} (pairs needs prompt/chosen/rejected strings, chat needs chosen/rejected "
-        "message lists, transcript needs chosen/rejected HH transcripts, rewardbench needs prompt/chosen/rejected/subset)"
+        "message lists, transcript needs chosen/rejected HH transcripts, "
+        "rewardbench needs prompt/chosen/rejected/subset)"
     )
 
 

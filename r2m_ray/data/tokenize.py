@@ -145,7 +145,10 @@ def _fit_prompt(
     head = 1 if bos is not None and prompt and prompt[0] == bos else 0
     tail = min(max_prompt_length, max_length - longest_response) - head
     if tail < 1:
-        detail = f"{name}: response has {longest_response} tokens (with eos); max_length={max_length} leaves no room for a prompt"
+        detail = (
+            f"{name}: response has {longest_response} tokens (with eos); "
+            f"max_length={max_length} leaves no room for a prompt"
+        )
         raise RowProblem("response_too_long", detail)
     return prompt[:head] + prompt[len(prompt) - tail :]
 

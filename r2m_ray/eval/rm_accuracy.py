@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from datasets import Dataset
@@ -21,8 +22,14 @@ from r2m_ray.data.tokenize import stack_pair_batch
 
 
 @torch.no_grad()
-def score_pairs(models: list[torch.nn.Module], ds: Dataset, collate: Callable[[list[dict]], dict[str, torch.Tensor]],
-                batch_size: int = 64, reduce: str = "mean", desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
+def score_pairs(
+    models: list[torch.nn.Module],
+    ds: Dataset,
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]],
+    batch_size: int = 64,
+    reduce: str = "mean",
+    desc: str = "eval",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of chosen and rejected for every row (ensemble-reduced over models)."""
     for m in models:
         m.eval()
@@ -47,13 +54,18 @@ def accuracy_report(r_c: torch.Tensor, r_r: torch.Tensor, ds: Dataset) -> dict[s
     """Accuracy (+ a 95% normal-approximation interval), per subset, and vs gold if present."""
     n = len(r_c)
     acc = _acc(r_c, r_r)
-    report: dict[str, Any] = {"n": n, "accuracy": acc,
-                              "ci95": 1.96 * math.sqrt(max(acc * (1 - acc), 1e-12) / max(n, 1))}
+    report: dict[str, Any] = {
+        "n": n,
+        "accuracy": acc,
+        "ci95": 1.96 * math.sqrt(max(acc * (1 - acc), 1e-12) / max(n, 1)),
+    }
     if "subset" in ds.column_names:
         groups: dict[str, list[int]] = defaultdict(list)
         for i, s in enumerate(ds["subset"]):
             groups[s or "all"].append(i)
-        report["per_subset"] = {s: {"n": len(ix), "accuracy": _acc(r_c[ix], r_r[ix])} for s, ix in sorted(groups.items())}
+        report["per_subset"] = {
+            s: {"n": len(ix), "accuracy": _acc(r_c[ix], r_r[ix])} for s, ix in sorted(groups.items())
+        }
     if {"gold_chosen", "gold_rejected"} <= set(ds.column_names):
         g = torch.tensor(ds["gold_chosen"]) - torch.tensor(ds["gold_rejected"])
         prefer_c = g >= 0

@@ -24,18 +24,14 @@ class TinyConfig(Section):
     num_kv_heads: int = Field(default=4, ge=1)
     intermediate_size: int = Field(default=256, ge=1)
     max_position_embeddings: int = Field(default=512, ge=16)
-    vocab_size: int = Field(
-        default=2048, ge=16, description="upper bound for the trained word-level vocabulary"
-    )
+    vocab_size: int = Field(default=2048, ge=16, description="upper bound for the trained word-level vocabulary")
     rope_theta: float = Field(default=10000.0, gt=0)
     rms_norm_eps: float = Field(default=1e-6, gt=0)
 
     @model_validator(mode="after")
     def _check_heads(self) -> TinyConfig:
         if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
-            )
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
         head_dim = self.hidden_size // self.num_heads
         if head_dim < MIN_HEAD_DIM:
             raise ValueError(
@@ -44,9 +40,7 @@ class TinyConfig(Section):
                 "lower num_heads or raise hidden_size"
             )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})"
-            )
+            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
         return self
 
     @property

@@ -89,9 +89,7 @@ class {cls}({base_class}):
 '''
 
 
-def export_sequence_classification(
-    rm: RewardModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path | str
-) -> Path:
+def export_sequence_classification(rm: RewardModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path | str) -> Path:
     """Write `rm` as an HF sequence-classification model (num_labels=1) plus tokenizer.
 
     - value_head='linear': a plain *ForSequenceClassification (e.g. LlamaForSequenceClassification)
@@ -134,9 +132,7 @@ def _export_linear(rm: RewardModel, config, out_dir: Path) -> None:
     base = seq.base_model
     base.load_state_dict(rm.decoder.state_dict(), strict=True)
     if not hasattr(seq, "score") or seq.score.weight.shape != rm.value_head.weight.shape:
-        raise ValueError(
-            f"{type(seq).__name__} has no score layer of shape {tuple(rm.value_head.weight.shape)}"
-        )
+        raise ValueError(f"{type(seq).__name__} has no score layer of shape {tuple(rm.value_head.weight.shape)}")
     with torch.no_grad():
         seq.score.weight.copy_(rm.value_head.weight)
     seq.save_pretrained(out_dir)
@@ -166,9 +162,7 @@ def _export_mlp(rm: RewardModel, config, out_dir: Path) -> None:
         cls=MLP_CLASS,
     )
     if decoder_cls.__module__ != base.__module__:
-        raise ValueError(
-            f"{decoder_cls.__name__} and {base.__name__} live in different modules; cannot export"
-        )
+        raise ValueError(f"{decoder_cls.__name__} and {base.__name__} live in different modules; cannot export")
     (out_dir / MODELING_FILE).write_text(code)
     module = MODELING_FILE[:-3]
     tree = config.to_dict()

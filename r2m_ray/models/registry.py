@@ -168,11 +168,7 @@ def _is_complete(model_dir: Path) -> bool:
 def tiny_cache_key(tiny: TinyConfig, seed: int, corpus: Callable[[], Iterable[str]]) -> str:
     """Hash of everything that determines the tiny model: config, seed, corpus content."""
     h = hashlib.sha256()
-    h.update(
-        json.dumps(
-            {"tiny": tiny.model_dump(), "seed": seed, "v": TINY_RECIPE_VERSION}, sort_keys=True
-        ).encode()
-    )
+    h.update(json.dumps({"tiny": tiny.model_dump(), "seed": seed, "v": TINY_RECIPE_VERSION}, sort_keys=True).encode())
     count = 0
     for text in corpus():
         # Length-prefix each text so ["ab","c"] and ["a","bc"] hash differently.
@@ -307,9 +303,7 @@ def smol_gguf_path(root: Path) -> Path:
 
 def load_gguf_reference(gguf_file: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load model and tokenizer straight from a GGUF file (de-quantised to float32 by transformers)."""
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
     return model, tokenizer
 

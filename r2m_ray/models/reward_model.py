@@ -116,9 +116,7 @@ class RewardModel(nn.Module):
         self.seed = seed
         self.hidden_size = int(backbone.config.get_text_config().hidden_size)
         dtype = next(backbone.parameters()).dtype
-        self.value_head = build_value_head(value_head, self.hidden_size, head_hidden, head_dropout, seed).to(
-            dtype
-        )
+        self.value_head = build_value_head(value_head, self.hidden_size, head_hidden, head_dropout, seed).to(dtype)
 
     # ----------------------------------------------------------------- forward
 
@@ -142,9 +140,7 @@ class RewardModel(nn.Module):
         )
         return out.last_hidden_state
 
-    def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor | None = None
-    ) -> RewardOutput:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor | None = None) -> RewardOutput:
         """Rewards at the last real token; with response_mask also log π(y|x) summed over the response."""
         hidden = self.hidden_states(input_ids, attention_mask)
         last = last_token_index(attention_mask)
@@ -213,9 +209,7 @@ class RewardModel(nn.Module):
         if not meta_path.is_file():
             raise FileNotFoundError(f"{model_dir}: no {META_FILE}; not a RewardModel directory")
         meta = json.loads(meta_path.read_text())
-        backbone = load_causal_lm(
-            model_dir / meta["backbone"], dtype=dtype, trust_remote_code=trust_remote_code
-        )
+        backbone = load_causal_lm(model_dir / meta["backbone"], dtype=dtype, trust_remote_code=trust_remote_code)
         rm = cls(
             backbone,
             value_head=meta["value_head"],
@@ -240,9 +234,7 @@ class RewardModel(nn.Module):
     ) -> RewardModel:
         """A fresh reward model on a prepared causal-LM dir, value head seeded by `seed`."""
         backbone = load_causal_lm(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
-        return cls(
-            backbone, value_head=value_head, head_hidden=head_hidden, head_dropout=head_dropout, seed=seed
-        )
+        return cls(backbone, value_head=value_head, head_hidden=head_hidden, head_dropout=head_dropout, seed=seed)
 
     @classmethod
     def from_model_config(

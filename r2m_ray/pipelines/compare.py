@@ -58,13 +58,21 @@ def _fmt(values: list[float]) -> str:
 
 def results_table(rows: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown table: one row per variant, mean ± std over seeds (accuracies in %)."""
-    lines = ["| method | ID acc | OOD acc | ID gold acc | OOD gold acc | pairs/s | seeds |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | ID acc | OOD acc | ID gold acc | OOD gold acc | pairs/s | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def get(runs: list[dict[str, Any]], key: str, split: str) -> list[float]:
+        return [r[key][split] for r in runs if split in r.get(key, {})]
+
     for name, runs in rows.items():
-        get = lambda key, split: [r[key][split] for r in runs if split in r.get(key, {})]  # noqa: E731
         pps = statistics.fmean(r["pairs_per_second"] for r in runs)
-        lines.append(f"| {name} | {_fmt(get('accuracy', 'id'))} | {_fmt(get('accuracy', 'ood'))} | "
-                     f"{_fmt(get('gold_accuracy', 'id'))} | {_fmt(get('gold_accuracy', 'ood'))} | {pps:.0f} | {len(runs)} |")
+        lines.append(
+            f"| {name} | {_fmt(get(runs, 'accuracy', 'id'))} | {_fmt(get(runs, 'accuracy', 'ood'))} | "
+            f"{_fmt(get(runs, 'gold_accuracy', 'id'))} | {_fmt(get(runs, 'gold_accuracy', 'ood'))} | "
+            f"{pps:.0f} | {len(runs)} |"
+        )
     return "\n".join(lines)
 
 
@@ -74,7 +82,7 @@ def write_section(path: Path, section: str, body: str) -> None:
     text = path.read_text() if path.is_file() else "# Results\n"
     block = f"{begin}\n{body}\n{end}"
     if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,10 +121,12 @@ def run_compare(spec_path: Path, run_dir: str | None = None, command: str = "") 
             log.info("compare %s seed %d: %s", name, seed, summary["accuracy"])
             (root.path / "compare.json").write_text(json.dumps(rows, indent=2, default=float))
     minutes = (time.perf_counter() - t0) / 60
-    body = (f"Command: `{command or 'r2m-ray compare ' + str(spec_path)}` "
-            f"({len(spec.seeds)} seeds, {minutes:.0f} min on this machine; run dir `{root.path}`).\n"
-            f"Accuracy = agreement with the split's (noisy, biased-sampled) labels; gold acc = agreement "
-            f"with the world's gold preference. Mean ± std over seeds, in %.\n\n" + results_table(rows))
+    body = (
+        f"Command: `{command or 'r2m-ray compare ' + str(spec_path)}` "
+        f"({len(spec.seeds)} seeds, {minutes:.0f} min on this machine; run dir `{root.path}`).\n"
+        f"Accuracy = agreement with the split's (noisy, biased-sampled) labels; gold acc = agreement "
+        f"with the world's gold preference. Mean ± std over seeds, in %.\n\n" + results_table(rows)
+    )
     write_section(Path(spec.output), spec.section, body)
     root.update_summary(None, {"table": results_table(rows), "minutes": minutes})
     root.close()

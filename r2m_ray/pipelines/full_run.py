@@ -54,15 +54,16 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, run_dir: str |
     model_dir = base_model_dir(cfg)
     rm_init = model_dir
     if "sft" in stages:
-        policy_dir = prepare_model_dir(cfg.policy_model, corpus=lambda: corpus(cfg.world)) if cfg.policy_model else model_dir
+        policy_dir = (
+            prepare_model_dir(cfg.policy_model, corpus=lambda: corpus(cfg.world)) if cfg.policy_model else model_dir
+        )
         sft_dir, _ = run_sft_stage(cfg, run, policy_dir, world_paths)
         if cfg.policy_model is None:
             rm_init = sft_dir
     if "rm" in stages:
         init_ray(cfg.ray)
         run_rm_stage(cfg, run, rm_init, world_paths)
-    run.update_summary(None, {"run_dir": str(run.path), "stages": stages,
-                              "wall_seconds": time.perf_counter() - t0})
+    run.update_summary(None, {"run_dir": str(run.path), "stages": stages, "wall_seconds": time.perf_counter() - t0})
     run.close()
     return run
 

@@ -14,8 +14,9 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import ray
 import torch
@@ -62,8 +63,12 @@ def add_reference_logprobs(ds: Dataset, model_dir: Path, pad_id: int, cache_dir:
         futures = []
         for start in range(0, len(ds), chunk):
             rows = ds.select(range(start, min(start + chunk, len(ds))))
-            futures.append((ref.logprobs.remote(rows["chosen_input_ids"], rows["chosen_response_mask"]),
-                            ref.logprobs.remote(rows["rejected_input_ids"], rows["rejected_response_mask"])))
+            futures.append(
+                (
+                    ref.logprobs.remote(rows["chosen_input_ids"], rows["chosen_response_mask"]),
+                    ref.logprobs.remote(rows["rejected_input_ids"], rows["rejected_response_mask"]),
+                )
+            )
         lc, lr = [], []
         for fc, fr in futures:
             lc.append(ray.get(fc))
@@ -108,7 +113,8 @@ def train_member(cfg: RunConfig, run: RunDir, train: Dataset, model_dir: Path, p
     draw = rm.batch_size * (rm.prioritizer.pool_factor if rm.prioritizer.mode == "resample" else 1)
     if rm.prioritizer.enabled:
         prio = Prioritizer.options(num_cpus=rm.prioritizer.num_cpus).remote(
-            cfg_json, str(model_dir), pad_id, cfg.data.max_length, seed, max(1, int(rm.prioritizer.num_cpus)))
+            cfg_json, str(model_dir), pad_id, cfg.data.max_length, seed, max(1, int(rm.prioritizer.num_cpus))
+        )
         ray.get(prio.refresh.remote(group.state_dict_ref(), 0))
     next_idx = take(stream, draw)
     next_scores = prio.score.remote(encoded_rows(train, next_idx)) if prio else None
@@ -145,14 +151,16 @@ def train_member(cfg: RunConfig, run: RunDir, train: Dataset, model_dir: Path, p
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")
         if step % rm.log_every == 0 or step == steps:
             run.log(f"rm/member{member}", step, metrics)
-            log.info("rm member %d step %d/%d loss %.4f acc %.3f", member, step, steps, metrics["loss"],
-                     metrics["accuracy"])
+            log.info(
+                "rm member %d step %d/%d loss %.4f acc %.3f", member, step, steps, metrics["loss"], metrics["accuracy"]
+            )
     bar.close()
     elapsed = time.perf_counter() - t_start
     ckpt = run.path / "checkpoints" / f"rm-{member}"
     group.save(ckpt, tokenizer_dir=model_dir)
-    run.update_summary(None, {"pairs_per_second": steps * rm.batch_size / elapsed, "steps": steps,
-                              "train_seconds": elapsed})
+    run.update_summary(
+        None, {"pairs_per_second": steps * rm.batch_size / elapsed, "steps": steps, "train_seconds": elapsed}
+    )
     plot_rm_training(history, run.path / "plots" / f"rm_training_member{member}.png")
     if prio:
         ray.kill(prio)
@@ -197,12 +205,15 @@ def run_rm_stage(cfg: RunConfig, run: RunDir, model_dir: Path, world_paths: dict
         train = add_reference_logprobs(train, model_dir, pad_id, Path(cfg.model.cache_dir).expanduser() / "ref_cache")
     ckpts = [train_member(cfg, run, train, model_dir, pad_id, m) for m in range(cfg.rm.ensemble)]
     results = evaluate(cfg, run, ckpts, evals, pad_id)
-    summary = run.update_summary(None, {
-        "method": cfg.rm.method,
-        "accuracy": {name: r["accuracy"] for name, r in results.items()},
-        "gold_accuracy": {name: r["gold_accuracy"] for name, r in results.items() if "gold_accuracy" in r},
-        "eval": results,
-        "checkpoints": [str(p) for p in ckpts],
-    })
+    summary = run.update_summary(
+        None,
+        {
+            "method": cfg.rm.method,
+            "accuracy": {name: r["accuracy"] for name, r in results.items()},
+            "gold_accuracy": {name: r["gold_accuracy"] for name, r in results.items() if "gold_accuracy" in r},
+            "eval": results,
+            "checkpoints": [str(p) for p in ckpts],
+        },
+    )
     run.log("rm/eval", summary["steps"], {"accuracy": summary["accuracy"]})
     return summary

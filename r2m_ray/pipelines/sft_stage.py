@@ -33,25 +33,39 @@ def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     target = batch["input_ids"][:, 1:]
     mask = batch["response_mask"][:, 1:].float()
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
-                                            reduction="none").view_as(mask)
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), reduction="none"
+    ).view_as(mask)
     return (nll * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 @torch.no_grad()
-def generate_answers(model: torch.nn.Module, tokenizer: Any, prompts: list[list[dict]], max_new_tokens: int,
-                     temperature: float = 0.0, batch_size: int = 64) -> list[str]:
+def generate_answers(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: list[list[dict]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    batch_size: int = 64,
+) -> list[str]:
     """HF generate with left padding; returns the decoded responses only."""
     model.eval()
     tokenizer.padding_side = "left"
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        texts = [render_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
+        texts = [render_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                             temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        gen = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return [s.strip() for s in out]
 
 
@@ -63,8 +77,11 @@ def gold_of_policy(model: torch.nn.Module, tokenizer: Any, prompts: Dataset, cfg
     answers = generate_answers(model, tokenizer, msgs, cfg.sft.max_new_tokens, cfg.sft.temperature)
     texts = [m[-1]["content"] for m in msgs]
     gold = gold_rewards(texts, answers, cfg.world)
-    return {"gold_reward": sum(gold) / len(gold), "response_words": sum(len(a.split()) for a in answers) / len(answers),
-            "example": f"{texts[0]!r} -> {answers[0]!r}"}
+    return {
+        "gold_reward": sum(gold) / len(gold),
+        "response_words": sum(len(a.split()) for a in answers) / len(answers),
+        "example": f"{texts[0]!r} -> {answers[0]!r}",
+    }
 
 
 def run_sft_stage(cfg: RunConfig, run: RunDir, policy_dir: Path, world_paths: dict[str, Path]) -> tuple[Path, dict]:
@@ -98,7 +115,7 @@ def run_sft_stage(cfg: RunConfig, run: RunDir, policy_dir: Path, world_paths: di
             for start in range(0, steps_per_epoch * cfg.sft.batch_size, cfg.sft.batch_size):
                 if step >= total:
                     break
-                batch = collate(list(train.select(order[start:start + cfg.sft.batch_size])))
+                batch = collate(list(train.select(order[start : start + cfg.sft.batch_size])))
                 loss = sft_loss(model, batch)
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
@@ -115,10 +132,16 @@ def run_sft_stage(cfg: RunConfig, run: RunDir, policy_dir: Path, world_paths: di
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     after = gold_of_policy(model, tokenizer, prompts, cfg)
-    summary = {"steps": total, "seconds": elapsed, "final_loss": loss.item(),
-               "gold_reward": {"before": before["gold_reward"], "after": after["gold_reward"]},
-               "response_words": after["response_words"], "example": after["example"]}
+    summary = {
+        "steps": total,
+        "seconds": elapsed,
+        "final_loss": loss.item(),
+        "gold_reward": {"before": before["gold_reward"], "after": after["gold_reward"]},
+        "response_words": after["response_words"],
+        "example": after["example"],
+    }
     run.update_summary("sft", summary)
-    log.info("sft: gold reward on rl_prompts %s -> %s (%s)", before["gold_reward"], after["gold_reward"],
-             after["example"])
+    log.info(
+        "sft: gold reward on rl_prompts %s -> %s (%s)", before["gold_reward"], after["gold_reward"], after["example"]
+    )
     return out_dir, summary

@@ -17,7 +17,18 @@ from r2m_ray.world.gold import gold_reward, gold_rewards, parse_response
 from r2m_ray.world.tasks import Task, parse_task
 
 __all__ = [
-    "PREFERENCE_SPLITS", "SPLITS", "Task", "WorldConfig", "build_world", "calibrate", "corpus",
-    "format_calibration", "gold_reward", "gold_rewards", "parse_response", "parse_task", "write_splits",
+    "PREFERENCE_SPLITS",
+    "SPLITS",
+    "Task",
+    "WorldConfig",
+    "build_world",
+    "calibrate",
+    "corpus",
+    "format_calibration",
+    "gold_reward",
+    "gold_rewards",
+    "parse_response",
+    "parse_task",
+    "write_splits",
     "write_world",
 ]

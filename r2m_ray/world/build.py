@@ -38,12 +38,19 @@ logger = logging.getLogger(__name__)
 SPLITS: tuple[str, ...] = ("sft", "train", "test_id", "test_ood", "rl_prompts")
 PREFERENCE_SPLITS: tuple[str, ...] = ("train", "test_id", "test_ood")
 
-PREFERENCE_FEATURES = Features({
-    "prompt": Value("string"), "chosen": Value("string"), "rejected": Value("string"),
-    "task": Value("string"), "subset": Value("string"),
-    "gold_chosen": Value("float64"), "gold_rejected": Value("float64"),
-    "chosen_has_feature": Value("bool"), "rejected_has_feature": Value("bool"),
-})
+PREFERENCE_FEATURES = Features(
+    {
+        "prompt": Value("string"),
+        "chosen": Value("string"),
+        "rejected": Value("string"),
+        "task": Value("string"),
+        "subset": Value("string"),
+        "gold_chosen": Value("float64"),
+        "gold_rejected": Value("float64"),
+        "chosen_has_feature": Value("bool"),
+        "rejected_has_feature": Value("bool"),
+    }
+)
 SFT_FEATURES = Features({"prompt": Value("string"), "completion": Value("string")})
 RL_PROMPT_FEATURES = Features({"prompt": Value("string"), "task": Value("string")})
 _PAIR_REDRAWS = 100  # redraws of a tied/identical pair before the task is declared degenerate
@@ -91,8 +98,10 @@ def _labelled_pair(task: Task, sampler: ResponseSampler, cfg: WorldConfig) -> tu
         if sampler.rng.random() < p_a:
             return a, b, ga, gb
         return b, a, gb, ga
-    raise ValueError(f"sampler: every response pair for {task.prompt!r} ties in gold; "
-                     "raise sampler.p_wrong/p_partial or the style probabilities")
+    raise ValueError(
+        f"sampler: every response pair for {task.prompt!r} ties in gold; "
+        "raise sampler.p_wrong/p_partial or the style probabilities"
+    )
 
 
 def _preference_split(cfg: WorldConfig, split: str, n: int) -> Dataset:
@@ -117,8 +126,10 @@ def _preference_split(cfg: WorldConfig, split: str, n: int) -> Dataset:
             if not constrained or ((f_c and not f_r) if favoured == "chosen" else (f_r and not f_c)):
                 break
         else:
-            raise ValueError(f"bias: no pair for {task.prompt!r} with the {kind} feature only on the {favoured} "
-                             f"side in {cfg.max_attempts} draws; raise sampler.p_filler/p_repeat or lower bias.strength")
+            raise ValueError(
+                f"bias: no pair for {task.prompt!r} with the {kind} feature only on the {favoured} "
+                f"side in {cfg.max_attempts} draws; raise sampler.p_filler/p_repeat or lower bias.strength"
+            )
         rows["prompt"].append(task.prompt)
         rows["chosen"].append(chosen)
         rows["rejected"].append(rejected)
@@ -146,8 +157,9 @@ def _sft_split(cfg: WorldConfig, n: int) -> Dataset:
 def _rl_prompt_split(cfg: WorldConfig, n: int) -> Dataset:
     drawer = _TaskDrawer(cfg, cfg.tasks.train_mix, split_rng(cfg, "rl_prompts"))
     tasks = [drawer.draw()[1] for _ in range(n)]
-    return Dataset.from_dict({"prompt": [t.prompt for t in tasks], "task": [t.family for t in tasks]},
-                             features=RL_PROMPT_FEATURES)
+    return Dataset.from_dict(
+        {"prompt": [t.prompt for t in tasks], "task": [t.family for t in tasks]}, features=RL_PROMPT_FEATURES
+    )
 
 
 def build_world(cfg: WorldConfig) -> dict[str, Dataset]:

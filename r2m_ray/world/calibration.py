@@ -50,8 +50,14 @@ def calibrate(splits: dict[str, Dataset], cfg: WorldConfig) -> dict:
     The result also carries the bias settings under "bias" so a printed table is
     self-describing.
     """
-    out: dict = {"bias": {"kind": cfg.bias.kind, "strength": cfg.bias.strength, "ood_bias": cfg.bias.ood_bias,
-                          "label_temperature": cfg.labels.temperature}}
+    out: dict = {
+        "bias": {
+            "kind": cfg.bias.kind,
+            "strength": cfg.bias.strength,
+            "ood_bias": cfg.bias.ood_bias,
+            "label_temperature": cfg.labels.temperature,
+        }
+    }
     for name, dataset in splits.items():
         out[name] = preference_stats(dataset) if name in PREFERENCE_SPLITS else {"n": len(dataset)}
     return out
@@ -63,8 +69,10 @@ def format_calibration(calibration: dict) -> str:
     lines = []
     if bias:
         feature = "length" if bias["kind"] == "none" else bias["kind"]
-        lines.append(f"bias: kind={bias['kind']} (feature: {feature}) strength={bias['strength']} "
-                     f"ood_bias={bias['ood_bias']} label_temperature={bias['label_temperature']}")
+        lines.append(
+            f"bias: kind={bias['kind']} (feature: {feature}) strength={bias['strength']} "
+            f"ood_bias={bias['ood_bias']} label_temperature={bias['label_temperature']}"
+        )
     header = f"{'split':<11}" + "".join(f"{title:>14}" for _, title, _ in _COLUMNS)
     lines += [header, "-" * len(header)]
     for name, stats in calibration.items():

@@ -66,10 +66,19 @@ class TasksConfig(Section):
     sort/max/min), so every OOD task is a variant never seen in train.
     """
 
-    train_mix: dict[str, float] = Field(default_factory=lambda: {
-        "add": 1.0, "sort": 1.0, "reverse": 1.0, "count": 1.0, "max": 1.0})
-    ood_mix: dict[str, float] = Field(default_factory=lambda: {
-        "min": 1.0, "add.wide": 1.0, "sort.wide": 1.0, "reverse.wide": 1.0, "count.wide": 1.0, "max.wide": 1.0})
+    train_mix: dict[str, float] = Field(
+        default_factory=lambda: {"add": 1.0, "sort": 1.0, "reverse": 1.0, "count": 1.0, "max": 1.0}
+    )
+    ood_mix: dict[str, float] = Field(
+        default_factory=lambda: {
+            "min": 1.0,
+            "add.wide": 1.0,
+            "sort.wide": 1.0,
+            "reverse.wide": 1.0,
+            "count.wide": 1.0,
+            "max.wide": 1.0,
+        }
+    )
     ranges: RangeConfig = RangeConfig()
     ood_ranges: RangeConfig = RangeConfig(num_lo=21, num_hi=40, list_min=6, list_max=7)
 
@@ -89,8 +98,9 @@ class TasksConfig(Section):
         for name in mix:
             family = name.removesuffix(WIDE_SUFFIX)
             if family not in FAMILIES:
-                raise ValueError(f"unknown task {name!r}: use a family ({', '.join(FAMILIES)}) "
-                                 f"or <family>{WIDE_SUFFIX}")
+                raise ValueError(
+                    f"unknown task {name!r}: use a family ({', '.join(FAMILIES)}) or <family>{WIDE_SUFFIX}"
+                )
         return mix
 
     @model_validator(mode="after")
@@ -104,14 +114,23 @@ class TasksConfig(Section):
                 continue
             family = name.removesuffix(WIDE_SUFFIX)
             if name == family and family in seen:
-                raise ValueError(f"ood_mix: {name!r} is also in train_mix, so it is not out of distribution "
-                                 f"(use {name}{WIDE_SUFFIX} or drop it from train_mix)")
+                raise ValueError(
+                    f"ood_mix: {name!r} is also in train_mix, so it is not out of distribution "
+                    f"(use {name}{WIDE_SUFFIX} or drop it from train_mix)"
+                )
             if name != family:
-                unseen = (new_numbers if family == "add" else new_lengths if family in LETTER_FAMILIES
-                          else new_numbers or new_lengths)
+                unseen = (
+                    new_numbers
+                    if family == "add"
+                    else new_lengths
+                    if family in LETTER_FAMILIES
+                    else new_numbers or new_lengths
+                )
                 if not unseen:
-                    raise ValueError(f"ood_ranges: {name!r} overlaps the train ranges; make ood_ranges "
-                                     "disjoint from ranges (num_lo/num_hi or list_min/list_max)")
+                    raise ValueError(
+                        f"ood_ranges: {name!r} overlaps the train ranges; make ood_ranges "
+                        "disjoint from ranges (num_lo/num_hi or list_min/list_max)"
+                    )
         return self
 
 

@@ -46,7 +46,7 @@ def _strip(tokens: list[str], phrase: list[str]) -> tuple[list[str], bool]:
     found = False
     i, n = 0, len(phrase)
     while i < len(tokens):
-        if tokens[i:i + n] == phrase:
+        if tokens[i : i + n] == phrase:
             found = True
             i += n
         else:
@@ -92,9 +92,11 @@ def gold_reward(prompt: str, response: str, cfg: WorldConfig) -> float:
 def gold_reward_for_task(task: Task, response: str, cfg: WorldConfig) -> float:
     """Gold reward with the task already parsed (the sampler's fast path)."""
     parsed = parse_response(response, cfg)
-    value = (correctness(task, parsed)
-             - cfg.gold.lambda_len * excess_tokens(task, parsed, cfg)
-             - cfg.gold.lambda_phrase * float(parsed.has_phrase))
+    value = (
+        correctness(task, parsed)
+        - cfg.gold.lambda_len * excess_tokens(task, parsed, cfg)
+        - cfg.gold.lambda_phrase * float(parsed.has_phrase)
+    )
     # rounded so stored gold survives a JSON round trip and hand-computed values compare exactly
     return round(float(value), 9)
 

@@ -101,6 +101,7 @@ def task_family(name: str) -> tuple[str, bool]:
 
 def sample_task(family: str, ranges: RangeConfig, rng: np.random.Generator) -> Task:
     """Draw one task of `family` within `ranges`."""
+
     def numbers(n: int) -> tuple[str, ...]:
         return tuple(str(int(x)) for x in rng.integers(ranges.num_lo, ranges.num_hi + 1, size=n))
 
