@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, model_validator
 from r2m_ray.config_base import Section
 from r2m_ray.data.config import DataConfig
 from r2m_ray.models.config import ModelConfig
+from r2m_ray.rl_config import RLConfig
 from r2m_ray.world.config import WorldConfig
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
@@ -132,6 +133,7 @@ class RunConfig(Section):
     data: DataConfig = DataConfig()
     sft: SFTConfig = SFTConfig()
     rm: RMConfig = RMConfig()
+    rl: RLConfig = RLConfig()
     ray: RayConfig = RayConfig()
     eval: EvalConfig = EvalConfig()
 

