@@ -19,6 +19,7 @@ COMMANDS = {
     "world": "write the synthetic world's splits and print its calibration",
     "sft": "world + SFT warm-up of the policy",
     "rm": "world (if needed) + reward-model stage",
+    "rl": "RL stage (R2M / frozen RM, GRPO / RLOO): rl.policy_checkpoint=... rl.reward.checkpoint=...",
     "run": "the configured stages (default world → sft → rm)",
     "eval": "accuracy of trained reward model(s): eval.checkpoints=[...]",
     "export": "export a reward model for AutoModelForSequenceClassification: "
@@ -125,10 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"world written to {run.path / 'world'}")
             run.close()
             return 0
-        if ns.command in ("sft", "rm", "run"):
+        if ns.command in ("sft", "rm", "rl", "run"):
             from r2m_ray.pipelines.full_run import print_summary, run_pipeline
 
-            stages = {"sft": ["world", "sft"], "rm": ["rm"], "run": None}[ns.command]
+            stages = {"sft": ["world", "sft"], "rm": ["rm"], "rl": ["rl"], "run": None}[ns.command]
             run = run_pipeline(cfg, stages, ns.run_dir)
             print_summary(run.summary)
             return 0

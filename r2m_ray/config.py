@@ -126,7 +126,7 @@ class RunConfig(Section):
     name: str = "run"
     output_dir: str = "runs"
     seed: int = 0
-    stages: list[Literal["world", "sft", "rm"]] = ["world", "sft", "rm"]
+    stages: list[Literal["world", "sft", "rm", "rl"]] = ["world", "sft", "rm"]
     world: WorldConfig = WorldConfig()
     model: ModelConfig = ModelConfig()
     policy_model: ModelConfig | None = None

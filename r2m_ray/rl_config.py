@@ -105,4 +105,5 @@ class RLConfig(Section):
     policy: PolicyConfig = PolicyConfig()
     reward: RewardConfig = RewardConfig()
     heldout_pairs: int = Field(default=256, ge=0)  # gold-labelled pairs for RM accuracy before/after
-    log_every: int = Field(default=1, ge=1)
+    eval_every: int = Field(default=1, ge=1)  # RM accuracy on the held-out pairs every N steps (and last)
+    policy_checkpoint: str | None = None  # policy to start from; default: this run's SFT checkpoint

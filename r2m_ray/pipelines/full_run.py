@@ -52,17 +52,28 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, run_dir: str |
     t0 = time.perf_counter()
     world_paths = run_world(cfg, run) if needs_world(cfg, stages) else {}
     model_dir = base_model_dir(cfg)
-    rm_init = model_dir
+    rm_init, policy_dir, rm_ckpt = model_dir, model_dir, None
+    if cfg.rl.policy_checkpoint:
+        policy_dir = Path(cfg.rl.policy_checkpoint)
     if "sft" in stages:
         policy_dir = (
             prepare_model_dir(cfg.policy_model, corpus=lambda: corpus(cfg.world)) if cfg.policy_model else model_dir
         )
         sft_dir, _ = run_sft_stage(cfg, run, policy_dir, world_paths)
+        policy_dir = sft_dir
         if cfg.policy_model is None:
             rm_init = sft_dir
     if "rm" in stages:
         init_ray(cfg.ray)
-        run_rm_stage(cfg, run, rm_init, world_paths)
+        rm_ckpt = Path(run_rm_stage(cfg, run, rm_init, world_paths)["checkpoints"][0])
+    if "rl" in stages:
+        from r2m_ray.pipelines.rl_stage import run_rl_stage
+
+        rm_ckpt = Path(cfg.rl.reward.checkpoint) if cfg.rl.reward.checkpoint else rm_ckpt
+        if rm_ckpt is None:
+            raise ValueError("rl.reward.checkpoint is not set and no rm stage ran in this run")
+        init_ray(cfg.ray)
+        run_rl_stage(cfg, run, policy_dir, rm_ckpt, world_paths)
     run.update_summary(None, {"run_dir": str(run.path), "stages": stages, "wall_seconds": time.perf_counter() - t0})
     run.close()
     return run

@@ -1,0 +1,378 @@
+"""PolicyLearner: one DeepSpeed data-parallel rank of the RL policy (GRPO / RLOO, ALGORITHMS.md §3–4).
+
+Each rank is a Ray actor owning a Hugging Face causal LM wrapped by a DeepSpeed engine
+(ZeRO stage from config; gloo + torch AdamW on CPU). Two calls per RL step:
+
+- `experience`: ONE no-grad forward (eval mode) over prompt+response gives the old per-token
+  log-probs, the response entropy, and the R2M policy feedback h: the last-layer hidden
+  states after the final norm (transformers ties `hidden_states[-1]` to the post-norm
+  `last_hidden_state` for Llama-style models). h is `ray.put` once by this actor.
+- `train`: k epochs of the clipped ratio loss + KL to the reference over micro-batches;
+  the forward passes of the LAST epoch also yield the refreshed feedback h'.
+
+Tensor conventions (every [B, T] tensor is aligned with `input_ids`):
+- `old_logp[:, t] = log π(input_ids[:, t] | input_ids[:, <t])` on response tokens, 0 elsewhere
+  (position 0 has no prediction, so the prompt must be non-empty); float32.
+- position ids are counted over real tokens (`position_ids_from_mask`), as vLLM does; with
+  right padding that is simply 0..len−1 and padding never influences real tokens.
+- the feedback payload behind a `hidden_ref` is `{"hidden": [B, T, D] in cfg.hidden_dtype, zero
+  on padding, "mask": [B, T] long (the attention mask)}` for that rank's rows: the format of
+  `r2m_ray.models.r2m_head.concat_feedback`. The ref is owned by the rank that put it.
+
+`PolicyLearnerGroup` is the driver-side handle: it creates rank 0 first, reads its address
+and a free port, starts the other ranks, and slices each batch by rows, one `ray.put` per rank.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from torch import Tensor, nn
+
+from r2m_ray.actors.distributed import deepspeed_config, init_distributed, rendezvous_for, warmup_schedule
+from r2m_ray.algos.policy_loss import clipped_policy_loss, entropy_from_logits, kl_penalty
+from r2m_ray.models.reward_model import position_ids_from_mask
+from r2m_ray.ray_setup import check_resources
+from r2m_ray.rl_config import PolicyConfig
+
+EXPERIENCE_KEYS = ("input_ids", "attention_mask", "response_mask")
+TRAIN_KEYS = (*EXPERIENCE_KEYS, "advantages", "old_logp", "ref_logp")
+
+
+def response_token_logprobs(logits: Tensor, input_ids: Tensor, response_mask: Tensor) -> Tensor:
+    """Per-token log-probs [B, T] (float32) aligned with ``input_ids``; 0 outside the response.
+
+    ``out[:, t] = log softmax(logits[:, t−1])[input_ids[:, t]]`` where ``response_mask[:, t]`` is set.
+    Differentiable w.r.t. ``logits``. Raises ValueError if the mask marks position 0.
+    """
+    if logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} must be [B, T, V] over input_ids {tuple(input_ids.shape)}")
+    if response_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"response_mask {tuple(response_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
+        )
+    if (response_mask[:, 0] != 0).any():
+        raise ValueError("response_mask marks position 0, which no logit predicts; the prompt must be non-empty")
+    # gather − logsumexp instead of a full log_softmax: one [B, T, V] float32 tensor fewer.
+    pred = logits[:, :-1].float()
+    targets = input_ids[:, 1:].long().unsqueeze(-1)
+    token_logp = pred.gather(-1, targets).squeeze(-1) - torch.logsumexp(pred, dim=-1)
+    token_logp = torch.where(response_mask[:, 1:] != 0, token_logp, torch.zeros_like(token_logp))
+    return torch.nn.functional.pad(token_logp, (1, 0))
+
+
+def response_entropy_sum(logits: Tensor, response_mask: Tensor) -> tuple[float, int]:
+    """(Σ entropy, count) over the positions that predict response tokens (no grad)."""
+    with torch.no_grad():
+        picked = logits[:, :-1][response_mask[:, 1:] != 0]  # [N, V]
+        if picked.shape[0] == 0:
+            return 0.0, 0
+        return float(entropy_from_logits(picked.unsqueeze(0)).sum()), int(picked.shape[0])
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout: the ratio π/π_old must be exactly 1 before the first update."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def micro_batch_slices(rows: int, num_micro: int) -> list[slice]:
+    """Split ``rows`` into ``num_micro`` contiguous, near-equal, non-empty slices."""
+    if num_micro < 1 or rows < num_micro:
+        raise ValueError(f"cannot split {rows} rows into {num_micro} non-empty micro-batches")
+    bounds = torch.linspace(0, rows, num_micro + 1).round().long().tolist()
+    return [slice(bounds[i], bounds[i + 1]) for i in range(num_micro)]
+
+
+@ray.remote
+class PolicyLearner:
+    """One rank: causal LM + DeepSpeed engine; experience and k-epoch policy updates on its rows."""
+
+    def __init__(self, rank: int, world_size: int, torch_threads: int) -> None:
+        torch.set_num_threads(torch_threads)
+        self.rank = rank
+        self.world_size = world_size
+        self.engine = None
+        self.optimizer_steps = 0
+        self.train_calls = 0
+
+    def address(self) -> tuple[str, int]:
+        """Rank 0's node address and a free port for the process group."""
+        from r2m_ray.ray_setup import free_port, node_ip
+
+        ip = node_ip()
+        return ip, free_port(ip)
+
+    def init(self, cfg_json: str, model_dir: str, rendezvous: str, seed: int) -> dict[str, Any]:
+        """Load the policy (same weights on every rank) and build the DeepSpeed engine.
+
+        ``cfg_json`` is ``PolicyConfig.model_dump_json()``.
+        """
+        import deepspeed
+
+        from r2m_ray.models.registry import load_causal_lm
+
+        self.cfg = PolicyConfig.model_validate_json(cfg_json)
+        self.hidden_dtype = getattr(torch, self.cfg.hidden_dtype)
+        backend = init_distributed(self.rank, self.world_size, rendezvous, "auto")
+        torch.manual_seed(seed)
+        model = load_causal_lm(Path(model_dir))
+        disable_dropout(model)
+        n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
+        opt = self.cfg.optim
+        optim = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optim,
+            lr_scheduler=warmup_schedule(optim, opt.warmup_steps),
+            config=deepspeed_config(self.cfg.zero_stage, opt.grad_clip, self.cfg.micro_batch_size),
+        )
+        hidden = int(model.config.get_text_config().hidden_size)
+        return {"rank": self.rank, "backend": backend, "hidden_size": hidden, "params": n_params}
+
+    # ------------------------------------------------------------------ forward
+
+    def _forward(self, ids: Tensor, attn: Tensor) -> tuple[Tensor, Tensor]:
+        """(logits [B, T, V], post-norm last-layer hidden states [B, T, D]) of one micro-batch."""
+        out = self.engine(
+            input_ids=ids,
+            attention_mask=attn,
+            position_ids=position_ids_from_mask(attn),
+            use_cache=False,
+            output_hidden_states=True,
+        )
+        return out.logits, out.hidden_states[-1]
+
+    def _put_hidden(self, parts: list[Tensor], attn: Tensor) -> ray.ObjectRef:
+        """Put the feedback h of this rank's rows once; consumers ray.get the ref themselves."""
+        hidden = torch.cat(parts) * attn.unsqueeze(-1).to(self.hidden_dtype)
+        return ray.put({"hidden": hidden, "mask": attn.long()})
+
+    @staticmethod
+    def _check(batch: dict[str, Tensor], keys: tuple[str, ...]) -> int:
+        """Rows of a batch after checking that the named [B, T] / [B] fields are present and agree."""
+        missing = [k for k in keys if k not in batch]
+        if missing:
+            raise ValueError(f"policy batch is missing field(s) {missing}")
+        rows, length = batch["input_ids"].shape
+        for k in keys:
+            want = (rows,) if k == "advantages" else (rows, length)
+            if tuple(batch[k].shape) != want:
+                raise ValueError(f"policy batch field {k!r} has shape {tuple(batch[k].shape)}, expected {want}")
+        return rows
+
+    @torch.no_grad()
+    def experience(self, batch: dict[str, Tensor], num_micro: int | None = None) -> dict[str, Any]:
+        """Old per-token log-probs, response entropy and the feedback h from ONE eval-mode forward per row.
+
+        ``num_micro``: micro-batch count (the group makes it equal on every rank, as ZeRO-3
+        forwards are collectives); default ⌈rows / micro_batch_size⌉. Returns
+        ``{"old_logp": [B, T] float32, "entropy": float, "hidden_ref": ObjectRef, "rows": B}``.
+        """
+        rows = self._check(batch, EXPERIENCE_KEYS)
+        self.engine.eval()
+        logps, hidden, ent_sum, ent_count = [], [], 0.0, 0
+        for sl in micro_batch_slices(rows, num_micro or math.ceil(rows / self.cfg.micro_batch_size)):
+            ids, attn, resp = (batch[k][sl] for k in EXPERIENCE_KEYS)
+            logits, h = self._forward(ids, attn)
+            logps.append(response_token_logprobs(logits, ids, resp))
+            s, c = response_entropy_sum(logits, resp)
+            ent_sum, ent_count = ent_sum + s, ent_count + c
+            hidden.append(h.to(self.hidden_dtype))
+        return {
+            "old_logp": torch.cat(logps),
+            "entropy": ent_sum / max(ent_count, 1),
+            "hidden_ref": self._put_hidden(hidden, batch["attention_mask"]),
+            "rows": rows,
+        }
+
+    # ------------------------------------------------------------------- train
+
+    def train(self, batch: dict[str, Tensor], epochs: int, num_micro: int | None = None) -> dict[str, Any]:
+        """``epochs`` passes of clipped ratio loss + β_KL·KL over micro-batches; one optimiser step each.
+
+        ``batch`` adds ``advantages`` [B] (per sequence), ``old_logp`` and ``ref_logp`` [B, T]
+        (aligned like ``experience``'s old_logp) to the experience fields. Returns the
+        micro-batch means of loss, pg_loss, kl, clip_fraction, approx_kl, ratio_mean, entropy,
+        grad_norm (when DeepSpeed reports it), lr, plus ``rows`` and ``hidden_ref``: the
+        feedback h' from the last epoch's forwards (each taken before its micro-batch's step).
+        """
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        rows = self._check(batch, TRAIN_KEYS)
+        slices = micro_batch_slices(rows, num_micro or math.ceil(rows / self.cfg.micro_batch_size))
+        self.train_calls += 1
+        self.engine.train()  # dropout is disabled at load, so train mode changes no numbers
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        hidden: list[Tensor] = []
+        for epoch in range(epochs):
+            for i, sl in enumerate(slices):
+                mb = {k: batch[k][sl] for k in TRAIN_KEYS}
+                logits, h = self._forward(mb["input_ids"], mb["attention_mask"])
+                if epoch == epochs - 1:
+                    hidden.append(h.detach().to(self.hidden_dtype))
+                resp = mb["response_mask"]
+                logp = response_token_logprobs(logits, mb["input_ids"], resp)
+                kl = kl_penalty(logp, mb["ref_logp"].float(), self.cfg.kl_estimator)
+                loss, stats = clipped_policy_loss(
+                    logp,
+                    mb["old_logp"].float(),
+                    mb["advantages"].float(),
+                    resp,
+                    self.cfg.clip_eps,
+                    kl=kl,
+                    kl_coef=self.cfg.kl_coef,
+                )
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"rank {self.rank}: non-finite policy loss {loss.item()} at optimiser step "
+                        f"{self.optimizer_steps + 1} (train call {self.train_calls}, epoch {epoch + 1}/{epochs}, "
+                        f"micro-batch {i + 1}/{len(slices)}; {stats})"
+                    )
+                ent_sum, ent_count = response_entropy_sum(logits.detach(), resp)
+                self.engine.backward(loss)
+                self.engine.step()
+                self.optimizer_steps += 1
+                stats.update(loss=loss.item(), entropy=ent_sum / max(ent_count, 1), lr=self.scheduler.get_last_lr()[0])
+                grad_norm = self.engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    stats["grad_norm"] = float(grad_norm)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
+        out: dict[str, Any] = {k: sums[k] / counts[k] for k in sums}
+        out.update(rows=rows, optimizer_steps=self.optimizer_steps)
+        out["hidden_ref"] = self._put_hidden(hidden, batch["attention_mask"])
+        return out
+
+    # ------------------------------------------------------------------ weights
+
+    def _full_state(self) -> dict[str, Tensor]:
+        """Full CPU weights with HF names; under ZeRO-3 a collective every rank must join."""
+        module = self.engine.module
+        if self.cfg.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Full CPU weights keyed exactly like the HF model's ``state_dict()`` (for vLLM reloads).
+
+        Under ZeRO-3 every rank must call it (a gather); ranks other than 0 then return {}
+        so the object store holds one copy.
+        """
+        state = self._full_state()
+        return state if self.rank == 0 or self.cfg.zero_stage != 3 else {}
+
+    def save(self, path: str, tokenizer_dir: str | None = None) -> str:
+        """Rank 0 writes an HF directory (safetensors, + tokenizer if given); ZeRO-3 ranks all join the gather."""
+        state = self._full_state()
+        if self.rank == 0:
+            from transformers import AutoTokenizer
+
+            self.engine.module.save_pretrained(path, state_dict=state)
+            if tokenizer_dir:
+                AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+        return path
+
+    def checksum(self) -> float:
+        """Sum of |weights|: the test that ranks stay identical."""
+        return float(sum(v.double().abs().sum() for v in self._full_state().values()))
+
+
+class PolicyLearnerGroup:
+    """Driver-side handle of ``cfg.ranks`` PolicyLearner actors forming one DeepSpeed group.
+
+    ``experience_async`` / ``train_async`` return one ref per rank, in row order; each resolves
+    to a dict holding a ``hidden_ref``. Pass those hidden refs on (as a list, one per rank,
+    in row order) to the actors that need h: they ``ray.get`` them themselves.
+    """
+
+    def __init__(self, cfg: PolicyConfig, model_dir: Path, seed: int) -> None:
+        threads = cfg.torch_threads or max(1, int(cfg.num_cpus_per_rank))
+        opts = {"num_cpus": cfg.num_cpus_per_rank, "num_gpus": cfg.num_gpus_per_rank}
+        check_resources("rl.policy (PolicyLearner ranks)", cfg.ranks, cfg.num_cpus_per_rank, cfg.num_gpus_per_rank)
+        self.cfg = cfg
+        self.world_size = cfg.ranks
+        self.zero_stage = cfg.zero_stage
+        self.actors = [PolicyLearner.options(**opts).remote(0, cfg.ranks, threads)]
+        master_addr, master_port = ray.get(self.actors[0].address.remote())
+        self.actors += [PolicyLearner.options(**opts).remote(r, cfg.ranks, threads) for r in range(1, cfg.ranks)]
+        self.rendezvous = rendezvous_for(master_addr, master_port)
+        cfg_json = cfg.model_dump_json()
+        self.init_info = ray.get([a.init.remote(cfg_json, str(model_dir), self.rendezvous, seed) for a in self.actors])
+
+    def _slices(self, batch: dict[str, Tensor]) -> tuple[list[ray.ObjectRef], int]:
+        """One ObjectRef per rank (rows split contiguously, put once) and the common micro-batch count."""
+        n = batch["input_ids"].shape[0]
+        if n < self.world_size:
+            raise ValueError(f"batch of {n} sequences cannot be split over {self.world_size} policy ranks")
+        bounds = torch.linspace(0, n, self.world_size + 1).round().long().tolist()
+        sizes = [bounds[i + 1] - bounds[i] for i in range(self.world_size)]
+        # Every rank must take as many optimiser steps (and, under ZeRO-3, forwards) as the others.
+        num_micro = math.ceil(max(sizes) / self.cfg.micro_batch_size)
+        if min(sizes) < num_micro:
+            raise ValueError(
+                f"batch of {n} sequences over {self.world_size} ranks with rl.policy.micro_batch_size="
+                f"{self.cfg.micro_batch_size} gives ranks unequal micro-batch counts; use a multiple of the ranks"
+            )
+        refs = [ray.put({k: v[bounds[i] : bounds[i + 1]] for k, v in batch.items()}) for i in range(self.world_size)]
+        return refs, num_micro
+
+    def experience_async(self, batch: dict[str, Tensor]) -> list[ray.ObjectRef]:
+        """Start `experience` on every rank; refs in row order (cat their old_logp along dim 0)."""
+        refs, num_micro = self._slices({k: batch[k] for k in EXPERIENCE_KEYS})
+        return [a.experience.remote(ref, num_micro) for a, ref in zip(self.actors, refs)]
+
+    def train_async(self, batch: dict[str, Tensor], epochs: int) -> list[ray.ObjectRef]:
+        """Start `epochs` policy epochs on every rank; refs in row order, each with its h' hidden_ref."""
+        refs, num_micro = self._slices({k: batch[k] for k in TRAIN_KEYS})
+        return [a.train.remote(ref, epochs, num_micro) for a, ref in zip(self.actors, refs)]
+
+    @staticmethod
+    def reduce_metrics(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+        """Row-weighted mean of the per-rank numeric stats, rows summed; refs and tensors are left out."""
+        total = sum(m["rows"] for m in per_rank)
+        keys = [
+            k for k, v in per_rank[0].items() if isinstance(v, (int, float)) and k not in ("rows", "optimizer_steps")
+        ]
+        out: dict[str, Any] = {k: sum(m[k] * m["rows"] for m in per_rank) / total for k in keys}
+        out["rows"] = total
+        if "optimizer_steps" in per_rank[0]:
+            out["optimizer_steps"] = per_rank[0]["optimizer_steps"]
+        return out
+
+    def _on_all_ranks(self, method: str, *args: Any) -> list[ray.ObjectRef]:
+        """Under ZeRO-3 gathering weights is a collective: every rank must take part."""
+        actors = self.actors if self.zero_stage == 3 else self.actors[:1]
+        return [getattr(a, method).remote(*args) for a in actors]
+
+    def state_dict_ref(self) -> ray.ObjectRef:
+        """A ref to rank 0's full HF-named weights (the object store holds one copy)."""
+        return self._on_all_ranks("state_dict")[0]
+
+    def checksums(self) -> list[float]:
+        """Per-rank weight checksums, every rank calling (a collective under ZeRO-3)."""
+        return ray.get([a.checksum.remote() for a in self.actors])
+
+    def save(self, path: Path, tokenizer_dir: Path | None = None) -> Path:
+        """Write an HF model directory (safetensors) at ``path``; returns it."""
+        ray.get(self._on_all_ranks("save", str(path), str(tokenizer_dir) if tokenizer_dir else None))
+        return path
+
+    def shutdown(self) -> None:
+        """Kill this group's actors and remove its rendezvous file."""
+        for a in self.actors:
+            ray.kill(a)
+        if self.rendezvous.startswith("file://"):
+            Path(self.rendezvous[len("file://") :]).unlink(missing_ok=True)

@@ -1,0 +1,245 @@
+"""RewardAnnotator: the frozen RM's reward-token embedding (cached) ⊕ the R2M head → rewards.
+
+Per RL step the driver sends the step's (prompt, response) texts and, in `r2m` mode, refs to the
+policy's last-layer hidden states h (produced by the policy learner's experience forward). The
+annotator tokenises with the RM's OWN tokenizer (the policy's may differ), computes the RTE
+H_last with the frozen backbone — once per (rendered prompt, response), then from an LRU cache,
+because the backbone never changes — and scores:
+
+- mode `frozen`:       r = RM(x, y)                         (hidden states ignored entirely)
+- mode `r2m`:          r = φ((1−ω)·CrossAttn(H_last, h) + ω·H_last),  ω = ω(t)
+  - feedback `noise`:  h replaced by seeded Gaussian noise of h's shape and scale
+  - `iterative`:       ω forced to 1 (no feedback); φ is still trained by the head learner
+
+Head weights arrive from the RewardHeadLearner through `load_head` (an ObjectRef the driver passes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from torch import Tensor
+
+from r2m_ray.algos.r2m import omega as omega_schedule
+from r2m_ray.data.collate import pad_ids
+from r2m_ray.data.schemas import RowProblem
+from r2m_ray.data.tokenize import encode_prompt_response, pad_token_id, render_prompt
+from r2m_ray.models.r2m_head import R2MHead, fetch_feedback, noise_seed, nonfinite_check, parse_reward_config
+
+logger = logging.getLogger(__name__)
+
+NOISE_STREAM_ANNOTATOR = 0
+
+
+def _tokenizer_dir(rm_checkpoint: Path) -> Path:
+    """The checkpoint dir holds the tokenizer at its top level, or at least inside backbone/."""
+    if (rm_checkpoint / "tokenizer_config.json").is_file():
+        return rm_checkpoint
+    return rm_checkpoint / "backbone"
+
+
+@ray.remote
+class RewardAnnotator:
+    """Frozen RM + cached RTEs + an R2M head that the head learner keeps updating."""
+
+    def __init__(
+        self,
+        rm_checkpoint: str,
+        cfg_json: str,
+        d_policy: int,
+        max_length: int,
+        seed: int,
+        torch_threads: int = 1,
+        batch_size: int = 32,
+        cache_size: int = 65536,
+    ) -> None:
+        """Load the frozen RM + tokenizer from `rm_checkpoint`; build the head (same `seed` as the learner's)."""
+        from r2m_ray.models.registry import load_tokenizer
+        from r2m_ray.models.reward_model import RewardModel
+
+        torch.set_num_threads(torch_threads)
+        self.cfg = parse_reward_config(cfg_json)
+        ckpt = Path(rm_checkpoint)
+        self.rm = RewardModel.from_pretrained(ckpt).eval()
+        self.rm.requires_grad_(False)
+        self.tokenizer = load_tokenizer(_tokenizer_dir(ckpt))
+        self.pad_id = pad_token_id(self.tokenizer)
+        r2m = self.cfg.r2m
+        self.head = R2MHead(self.rm.value_head, self.rm.hidden_size, d_policy, r2m.d_attn, r2m.n_heads, seed)
+        self.head.requires_grad_(False)  # annotators only ever score
+        self.seed, self.max_length, self.batch_size = seed, max_length, batch_size
+        self.cache: OrderedDict[tuple[str, str], Tensor] = OrderedDict()
+        self.cache_size = cache_size
+        self.version = 0
+        self.stats = {"hits": 0, "misses": 0, "evictions": 0}
+
+    # ------------------------------------------------------------------ RTE
+
+    @torch.no_grad()
+    def _rte(self, prompt_messages: list[list[dict]], responses: list[str]) -> tuple[Tensor, int, int]:
+        """H_last [B, D_rm] per row from the cache or the frozen backbone → (rte, cache hits, sequences run)."""
+        if len(prompt_messages) != len(responses):
+            raise ValueError(f"prompt_messages has {len(prompt_messages)} rows but responses has {len(responses)}")
+        if not responses:
+            raise ValueError("annotate: no rows")
+        keys = []
+        for i, (messages, response) in enumerate(zip(prompt_messages, responses)):
+            if not isinstance(response, str):
+                raise ValueError(f"responses[{i}] must be a string, got {type(response).__name__}")
+            try:
+                keys.append((render_prompt(self.tokenizer, messages), response))
+            except (RowProblem, KeyError, TypeError) as err:
+                raise ValueError(f"prompt_messages[{i}]: cannot render the prompt: {err}") from None
+        hits = sum(key in self.cache for key in keys)
+        missing: dict[tuple[str, str], int] = {}
+        for i, key in enumerate(keys):
+            if key not in self.cache and key not in missing:
+                missing[key] = i
+        self._compute(missing, prompt_messages, responses)
+        rte = torch.stack([self.cache[key] for key in keys])
+        for key in keys:  # LRU: this batch is now the most recently used
+            self.cache.move_to_end(key)
+        self._evict()
+        self.stats["hits"] += hits
+        self.stats["misses"] += len(keys) - hits
+        return rte, hits, len(missing)
+
+    def _compute(self, missing: dict[tuple[str, str], int], prompt_messages: list, responses: list[str]) -> None:
+        """Run the frozen backbone on the missing (prompt, response) pairs and cache their RTEs."""
+        if not missing:
+            return
+        encoded, too_long = [], []
+        for key, i in missing.items():
+            enc = encode_prompt_response(
+                self.tokenizer, prompt_messages[i], responses[i], self.max_length, self.max_length - 1
+            )
+            if enc is None:
+                too_long.append(i)
+            encoded.append((key, enc))
+        if too_long:
+            raise ValueError(
+                f"rows {too_long}: the response alone fills max_length={self.max_length} RM tokens; "
+                "raise data.max_length (or lower rl.rollout.max_new_tokens)"
+            )
+        for start in range(0, len(encoded), self.batch_size):
+            chunk = encoded[start : start + self.batch_size]
+            ids, attn = pad_ids([enc.input_ids for _, enc in chunk], self.pad_id)
+            last_hidden = self.rm(ids, attn).last_hidden.float()
+            for (key, _), row in zip(chunk, last_hidden):
+                self.cache[key] = row.clone()  # own storage: the batch tensor is not kept alive
+
+    def _evict(self) -> None:
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+            self.stats["evictions"] += 1
+
+    # --------------------------------------------------------------- scoring
+
+    def _omega(self, t: int, T: int) -> float:
+        if self.cfg.mode == "frozen" or self.cfg.r2m.iterative:
+            return 1.0
+        return float(omega_schedule(t, T, self.cfg.r2m.omega_floor))
+
+    @torch.no_grad()
+    def _score(self, rte: Tensor, hidden_refs: list | None, t: int, T: int) -> tuple[Tensor, float]:
+        """Rewards for RTEs under this actor's mode; hidden_refs None → the head without feedback."""
+        w = self._omega(t, T)
+        if self.cfg.mode == "frozen":
+            return self.rm.score_hidden(rte), w
+        if hidden_refs is None or w == 1.0:
+            # ω = 1 makes Ĥ irrelevant; skip fetching and attending to h
+            return self.head(rte), w
+        seed = noise_seed(self.seed, t, NOISE_STREAM_ANNOTATOR) if self.cfg.r2m.feedback == "noise" else None
+        h, mask = fetch_feedback(hidden_refs, rte.shape[0], seed)
+        return self.head(rte, h, mask, w), w
+
+    def annotate(
+        self, prompt_messages: list[list[dict]], responses: list[str], hidden_refs: list | None, t: int, T: int
+    ) -> dict[str, Any]:
+        """Rewards for one RL step's rows → {"rewards" [B], "rte" [B, D_rm], "omega", "cache_hits", ...}.
+
+        `hidden_refs`: refs of {"hidden": [b, S, D_p], "mask": [b, S]} in row order (required in
+        `r2m` mode unless `iterative`; ignored in `frozen` mode). `rte` goes to the head learner.
+        """
+        needs_feedback = self.cfg.mode == "r2m" and not self.cfg.r2m.iterative
+        if needs_feedback and hidden_refs is None:
+            raise ValueError(
+                "rl.reward.mode=r2m needs hidden_refs (the policy's hidden states); "
+                "pass them, or use mode=frozen / r2m.iterative=true"
+            )
+        rte, hits, computed = self._rte(prompt_messages, responses)
+        rewards, w = self._score(rte, hidden_refs if needs_feedback else None, t, T)
+        nonfinite_check(rewards)
+        return {
+            "rewards": rewards,
+            "rte": rte,
+            "omega": w,
+            "cache_hits": hits,
+            "rte_computed": computed,
+            "head_version": self.version,
+        }
+
+    def frozen_rm_rewards(self, prompt_messages: list[list[dict]], responses: list[str]) -> Tensor:
+        """The frozen RM's own rewards [B] (whatever the mode), through the same RTE cache."""
+        rte, _, _ = self._rte(prompt_messages, responses)
+        with torch.no_grad():
+            return self.rm.score_hidden(rte)
+
+    def pairwise_accuracy(
+        self,
+        prompt_messages: list[list[dict]],
+        chosen: list[str],
+        rejected: list[str],
+        hidden_refs: list | None = None,
+        t: int = 0,
+        T: int = 1,
+    ) -> float:
+        """Share of gold-labelled pairs with r(chosen) > r(rejected), ties half (as eval/rm_accuracy).
+
+        Scores with this actor's mode; in `r2m` mode without `hidden_refs` the (trained) head
+        scores without feedback. `hidden_refs`, if given, cover the chosen rows then the rejected rows.
+        """
+        n = len(prompt_messages)
+        if len(chosen) != n or len(rejected) != n:
+            raise ValueError(f"pairwise_accuracy: {n} prompts, {len(chosen)} chosen, {len(rejected)} rejected")
+        if n == 0:
+            raise ValueError("pairwise_accuracy: no pairs")
+        rte, _, _ = self._rte(list(prompt_messages) * 2, list(chosen) + list(rejected))
+        rewards, _ = self._score(rte, hidden_refs, t, T)
+        nonfinite_check(rewards)
+        r_c, r_r = rewards[:n], rewards[n:]
+        return float(((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).mean())
+
+    # ------------------------------------------------------------- head sync
+
+    def load_head(self, state_dict: dict[str, Tensor], version: int) -> int:
+        """Install head weights from the learner (an ObjectRef resolved by Ray); returns `version`."""
+        self.head.load_head_state(state_dict)
+        self.version = int(version)
+        return self.version
+
+    def head_version(self) -> int:
+        """The version of the head weights in use (0 = the RM's own φ + the seeded cross-attention)."""
+        return self.version
+
+    def head_state(self) -> dict[str, Tensor]:
+        """The head weights in use (for tests and checkpoints)."""
+        return self.head.head_state()
+
+    def frozen_rm_digest(self) -> str:
+        """sha256 over the frozen RM's full state (backbone + value head): proof nothing trained it."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.rm.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def cache_info(self) -> dict[str, int]:
+        """RTE cache size, cap and lifetime hits / misses / evictions."""
+        return {"size": len(self.cache), "cap": self.cache_size, **self.stats}

