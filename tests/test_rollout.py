@@ -8,6 +8,7 @@ forwards of the same weights in this process, independent of both backends.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -53,7 +54,10 @@ def engines(ray_session, small_cfg, tiny_model_dir):
     actors = {}
     for backend in ("vllm", "hf"):
         # An explicit small KV cache: 0.2 of RAM per engine is far more than a tiny model needs.
-        cfg = small_cfg.rl.rollout.model_copy(update={"backend": backend, "kv_cache_gb": 0.25, "enforce_eager": True})
+        # Eager by default: compiling costs ~25 s more per session (vLLM's compile cache is keyed
+        # by the model path, a fresh tmp dir here); R2M_TEST_VLLM_COMPILE=1 tests the compiled path.
+        update = {"backend": backend, "kv_cache_gb": 0.25, "enforce_eager": not os.environ.get("R2M_TEST_VLLM_COMPILE")}
+        cfg = small_cfg.rl.rollout.model_copy(update=update)
         actors[backend] = RolloutActor.options(num_cpus=1).remote(str(tiny_model_dir), cfg.model_dump_json(), 0)
     pings = ray.get([a.ping.remote() for a in actors.values()], timeout=300)
     assert [p["backend"] for p in pings] == ["vllm", "hf"] and all(p["weights_version"] == 0 for p in pings)

@@ -100,4 +100,4 @@ def sync_weights(target: Any, state_dict: Mapping[str, torch.Tensor], num_gpus: 
     # deserialised from the object store are read-only views of shared memory.
     weights = [(name, t.detach().to(torch.float32)) for name, t in state_dict.items()]
     target.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
-    pass  # target.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+    target.reset_prefix_cache()  # cached KV blocks were computed with the old weights

@@ -59,19 +59,18 @@ def _fmt(values: list[float]) -> str:
 def results_table(rows: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown table: one row per variant, mean ± std over seeds (accuracies in %)."""
     lines = [
-        "| method | ID acc | OOD acc | ID gold acc | OOD gold acc | pairs/s | seeds |",
-        "|---|---|---|---|---|---|---|",
+        "| method | ID acc | OOD acc | ID gold acc | OOD gold acc | seeds |",
+        "|---|---|---|---|---|---|",
     ]
 
     def get(runs: list[dict[str, Any]], key: str, split: str) -> list[float]:
         return [r[key][split] for r in runs if split in r.get(key, {})]
 
     for name, runs in rows.items():
-        pps = statistics.fmean(r["pairs_per_second"] for r in runs)
         lines.append(
             f"| {name} | {_fmt(get(runs, 'accuracy', 'id'))} | {_fmt(get(runs, 'accuracy', 'ood'))} | "
             f"{_fmt(get(runs, 'gold_accuracy', 'id'))} | {_fmt(get(runs, 'gold_accuracy', 'ood'))} | "
-            f"{pps:.0f} | {len(runs)} |"
+            f"{len(runs)} |"
         )
     return "\n".join(lines)
 
