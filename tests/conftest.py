@@ -23,17 +23,34 @@ SMALL_WORLD = [
 ]
 
 
+# An RL stage small enough for a test: 2 steps of 4 prompts × 4 samples on one engine.
+SMALL_RL = [
+    "rl.steps=2",
+    "rl.prompts_per_step=4",
+    "rl.rollout.samples_per_prompt=4",
+    "rl.rollout.num_actors=1",
+    "rl.rollout.max_new_tokens=8",
+    "rl.heldout_pairs=32",
+    "rl.policy.micro_batch_size=16",
+    "rl.reward.r2m.d_attn=32",
+]
+
+
 def small_overrides(tmp: Path) -> list[str]:
     """Overrides that make any job config a seconds-long test run."""
-    return SMALL_WORLD + [
-        f"output_dir={tmp}",
-        f"model.cache_dir={tmp / 'models'}",
-        "sft.epochs=1",
-        "sft.eval_prompts=32",
-        "rm.batch_size=16",
-        "rm.log_every=5",
-        "rm.eval_batch_size=64",
-    ]
+    return (
+        SMALL_WORLD
+        + SMALL_RL
+        + [
+            f"output_dir={tmp}",
+            f"model.cache_dir={tmp / 'models'}",
+            "sft.epochs=1",
+            "sft.eval_prompts=32",
+            "rm.batch_size=16",
+            "rm.log_every=5",
+            "rm.eval_batch_size=64",
+        ]
+    )
 
 
 @pytest.fixture(scope="session")

@@ -12,23 +12,14 @@ from tests.conftest import ROOT, small_overrides
 
 pytestmark = pytest.mark.slow
 
-RL_SMALL = [
-    "rl.steps=2",
-    "rl.prompts_per_step=4",
-    "rl.rollout.samples_per_prompt=4",
-    "rl.rollout.num_actors=1",
-    "rl.rollout.max_new_tokens=8",
-    "rl.heldout_pairs=32",
-    "rl.policy.micro_batch_size=16",
-    "rl.reward.r2m.d_attn=32",
-]
-
 
 @pytest.fixture(scope="module")
 def trained(ray_session, tmp_path_factory):
     """world → sft → rm once; the RL tests start from its checkpoints."""
     tmp = tmp_path_factory.mktemp("rl")
-    cfg = load_config(ROOT / "jobs" / "quickstart.yaml", small_overrides(tmp) + ["rm.max_steps=20"])
+    cfg = load_config(
+        ROOT / "jobs" / "quickstart.yaml", small_overrides(tmp) + ["rm.max_steps=20", "stages=[world, sft, rm]"]
+    )
     run = run_pipeline(cfg, run_dir=tmp / "base")
     return tmp, run.path
 
@@ -40,7 +31,6 @@ def test_one_rl_run(trained, algo, mode):
     cfg = load_config(
         ROOT / "jobs" / "quickstart.yaml",
         small_overrides(tmp)
-        + RL_SMALL
         + [
             "stages=[world, rl]",
             f"rl.policy.algo={algo}",

@@ -90,7 +90,7 @@ def test_cli_run_eval_export(tmp_path):
     res = _cli("run", str(ROOT / "jobs" / "quickstart.yaml"), *ovr, "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    for key in ("accuracy", "pairs_per_second", "steps", "method", "sft", "world"):
+    for key in ("accuracy", "pairs_per_second", "steps", "method", "sft", "world", "rl"):
         assert key in summary
     assert "accuracy" in res.stdout
     ckpt = tmp_path / "run" / "checkpoints" / "rm-0"

@@ -87,3 +87,7 @@ def print_summary(summary: dict[str, Any]) -> None:
             print(f"{key:>18}: {summary[key]}")
     if "sft" in summary:
         print(f"{'sft gold reward':>18}: {summary['sft']['gold_reward']}")
+    if "rl" in summary:
+        rl = summary["rl"]
+        for key in ("mode", "algo", "gold_reward", "proxy_reward", "kl", "rm_accuracy", "tokens_per_second"):
+            print(f"{'rl ' + key:>18}: {rl[key]}")
