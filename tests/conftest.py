@@ -33,6 +33,7 @@ SMALL_RL = [
     "rl.heldout_pairs=32",
     "rl.policy.micro_batch_size=16",
     "rl.reward.r2m.d_attn=32",
+    "rl.rollout.enforce_eager=true",
 ]
 
 
