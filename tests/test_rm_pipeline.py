@@ -24,7 +24,8 @@ def _cfg(tmp_path: Path, *extra: str):
 
 def test_bt_learns_the_biased_world(ray_session, tmp_path):
     """Plain BT: above chance in distribution, the planted bias costs it out of distribution."""
-    cfg = _cfg(tmp_path, "rm.epochs=2", "stages=[world, rm]")
+    rewardbench = ROOT / "tests" / "fixtures" / "data" / "rewardbench.jsonl"
+    cfg = _cfg(tmp_path, "rm.epochs=2", "stages=[world, rm]", f"data.extra_eval=[{rewardbench}]")
     run = run_pipeline(cfg, run_dir=tmp_path / "bt")
     s = json.loads((run.path / "summary.json").read_text())
     for key in ("method", "steps", "pairs_per_second"):
@@ -33,6 +34,8 @@ def test_bt_learns_the_biased_world(ray_session, tmp_path):
     assert s["accuracy"]["id"] > 0.65  # chance is 0.5
     assert s["accuracy"]["ood"] < s["accuracy"]["id"] - 0.1  # the generalisation gap
     assert set(s["eval"]["id"]["per_subset"]) and all(k.startswith("id/") for k in s["eval"]["id"]["per_subset"])
+    extra = s["eval"]["rewardbench"]  # a RewardBench-style file, scored per subset
+    assert extra["n"] > 0 and set(extra["per_subset"]) and all(v["n"] > 0 for v in extra["per_subset"].values())
     assert (run.path / "checkpoints" / "rm-0" / "value_head.safetensors").is_file()
     assert list((run.path / "plots").glob("*.png"))
     assert list((run.path / "tb").iterdir())
