@@ -88,9 +88,36 @@ def write_section(path: Path, section: str, body: str) -> None:
     path.write_text(text)
 
 
+def rl_results_table(rows: dict[str, list[dict[str, Any]]]) -> str:
+    """Markdown table of RL variants: mean ± std over seeds of the final-step numbers."""
+
+    def col(runs: list[dict[str, Any]], get: Any, digits: int = 3) -> str:
+        values = [v for v in (get(r) for r in runs) if v is not None]
+        if not values:
+            return "–"
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}"
+
+    lines = [
+        "| variant | gold initial | gold final | proxy final | proxy − gold | KL final | RM acc before | RM acc after |"
+        " seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, runs in rows.items():
+        lines.append(
+            f"| {name} | {col(runs, lambda r: r['gold_reward']['initial'])} "
+            f"| {col(runs, lambda r: r['gold_reward']['final'])} | {col(runs, lambda r: r['proxy_reward']['final'])} "
+            f"| {col(runs, lambda r: r['proxy_reward']['final'] - r['gold_reward']['final'])} "
+            f"| {col(runs, lambda r: r['kl']['final'], 4)} | {col(runs, lambda r: r['rm_accuracy']['before'])} "
+            f"| {col(runs, lambda r: r['rm_accuracy']['after'])} | {len(runs)} |"
+        )
+    return "\n".join(lines)
+
+
 def run_compare(spec_path: Path, run_dir: str | None = None, command: str = "") -> dict[str, Any]:
     """Run every (variant, seed); write the table; return all summaries."""
     from r2m_ray.pipelines.full_run import base_model_dir, run_world
+    from r2m_ray.pipelines.rl_stage import run_rl_stage
     from r2m_ray.pipelines.rm_stage import run_rm_stage
     from r2m_ray.pipelines.sft_stage import run_sft_stage
 
@@ -109,24 +136,37 @@ def run_compare(spec_path: Path, run_dir: str | None = None, command: str = "") 
     if "sft" in base_cfg.stages:
         rm_init, _ = run_sft_stage(base_cfg, root, model_dir, world)
     init_ray(base_cfg.ray)
+    # RL comparisons share one reward model (trained once with the base config): the variants
+    # differ only in how the policy is optimised against it.
+    rl_mode = "rl" in base_cfg.stages
+    rm_ckpt = Path(run_rm_stage(base_cfg, root, rm_init, world)["checkpoints"][0]) if rl_mode else None
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in spec.variants}
     for seed in spec.seeds:
         for name, ovr in spec.variants.items():
             cfg = load_config(spec.base, spec.overrides + ovr + [f"seed={seed}", f"rm.method={name}"])
             sub = RunDir.create(cfg, root.path / f"{name}-seed{seed}")
-            summary = run_rm_stage(cfg, sub, rm_init, world)
+            if rl_mode:
+                summary = run_rl_stage(cfg, sub, rm_init, rm_ckpt, world)
+            else:
+                summary = run_rm_stage(cfg, sub, rm_init, world)
             sub.close()
             rows[name].append(summary)
-            log.info("compare %s seed %d: %s", name, seed, summary["accuracy"])
+            log.info("compare %s seed %d done", name, seed)
             (root.path / "compare.json").write_text(json.dumps(rows, indent=2, default=float))
     minutes = (time.perf_counter() - t0) / 60
+    table = rl_results_table(rows) if rl_mode else results_table(rows)
+    what = (
+        "Final-step gold and proxy reward (mean over the step's samples), KL to the reference, and the reward "
+        "model's pairwise accuracy on gold-labelled held-out pairs. Mean ± std over seeds."
+        if rl_mode
+        else "Accuracy = agreement with the split's (noisy, biased-sampled) labels; gold acc = agreement "
+        "with the world's gold preference. Mean ± std over seeds, in %."
+    )
     body = (
         f"Command: `{command or 'r2m-ray compare ' + str(spec_path)}` "
-        f"({len(spec.seeds)} seeds, {minutes:.0f} min on this machine; run dir `{root.path}`).\n"
-        f"Accuracy = agreement with the split's (noisy, biased-sampled) labels; gold acc = agreement "
-        f"with the world's gold preference. Mean ± std over seeds, in %.\n\n" + results_table(rows)
+        f"({len(spec.seeds)} seeds, {minutes:.0f} min on this machine; run dir `{root.path}`).\n{what}\n\n" + table
     )
     write_section(Path(spec.output), spec.section, body)
-    root.update_summary(None, {"table": results_table(rows), "minutes": minutes})
+    root.update_summary(None, {"table": table, "minutes": minutes})
     root.close()
-    return {"rows": rows, "table": results_table(rows)}
+    return {"rows": rows, "table": table}
