@@ -75,3 +75,54 @@ def bench_rm(cfg: RunConfig, out: str | None = None, run_dir: str | None = None)
     report["json"] = str(path)
     run.close()
     return report
+
+
+def bench_rl(cfg: RunConfig, out: str | None = None, run_dir: str | None = None) -> dict[str, Any]:
+    """RL stage throughput: frozen RM vs R2M on the same SFT policy and RM; write and return the JSON.
+
+    Reports tokens/s, per-phase seconds, the R2M wall-time ratio to vanilla (goal ≤ 1.05) and
+    the weight-sync share of a step (goal ≤ 10%). Actor start-up is reported apart.
+    """
+    from r2m_ray.pipelines.full_run import base_model_dir, run_world
+    from r2m_ray.pipelines.rl_stage import run_rl_stage
+    from r2m_ray.pipelines.rm_stage import run_rm_stage
+    from r2m_ray.pipelines.sft_stage import run_sft_stage
+
+    run = RunDir.create(cfg.model_copy(update={"name": f"bench-rl-{cfg.name}"}), run_dir)
+    world = run_world(cfg, run)
+    policy_dir, _ = run_sft_stage(cfg, run, base_model_dir(cfg), world)
+    init_ray(cfg.ray)
+    rm_ckpt = Path(run_rm_stage(cfg, run, policy_dir, world)["checkpoints"][0])
+    results: dict[str, Any] = {}
+    for mode in ("frozen", "r2m"):
+        rl = cfg.rl.model_copy(deep=True)
+        rl.reward.mode = mode
+        sub = RunDir.create(cfg.model_copy(update={"rl": rl}), run.path / f"rl-{mode}")
+        s = run_rl_stage(cfg.model_copy(update={"rl": rl}), sub, policy_dir, rm_ckpt, world)
+        sub.close()
+        step_seconds = sum(s["phase_seconds"].values())
+        results[mode] = {
+            "tokens_per_second": s["tokens_per_second"],
+            "phase_seconds": s["phase_seconds"],
+            "step_seconds_total": step_seconds,
+            "sync_share": s["phase_seconds"]["sync"] / step_seconds,
+            "startup_seconds": s["startup_seconds"],
+            "steps": s["steps"],
+        }
+    report = {
+        "benchmark": "rl",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "rollout": cfg.rl.rollout.model_dump(mode="json"),
+        "prompts_per_step": cfg.rl.prompts_per_step,
+        "steps": cfg.rl.steps,
+        "variants": results,
+        "tokens_per_second": results["r2m"]["tokens_per_second"],
+        "r2m_wall_time_ratio": results["r2m"]["step_seconds_total"] / results["frozen"]["step_seconds_total"],
+        "sync_share_of_step": results["r2m"]["sync_share"],
+        "goals": {"r2m_wall_time_ratio": 1.05, "sync_share_of_step": 0.10},
+    }
+    path = Path(out) if out else run.path / "bench_rl.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    report["json"] = str(path)
+    run.close()
+    return report

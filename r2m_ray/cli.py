@@ -25,7 +25,7 @@ COMMANDS = {
     "export": "export a reward model for AutoModelForSequenceClassification: "
     "eval.checkpoints=[dir] eval.export_dir=out",
     "compare": "many RM methods × seeds on one world → a results table: `r2m-ray compare jobs/rm_compare.yaml`",
-    "bench": "benchmarks writing JSON: `r2m-ray bench rm [CONFIG] [overrides]`",
+    "bench": "benchmarks writing JSON: `r2m-ray bench rm|rl [CONFIG] [overrides]`",
 }
 
 
@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in COMMANDS.items():
         s = sub.add_parser(name, help=help_text)
         if name == "bench":
-            s.add_argument("what", choices=["rm"], help="which benchmark")
+            s.add_argument("what", choices=["rm", "rl"], help="which benchmark")
             s.add_argument("--out", default=None, help="JSON output path (default: bench_<what>.json in the run dir)")
         s.add_argument("args", nargs="*", help="[CONFIG.yaml] [key.sub=value ...]")
         s.add_argument("--run-dir", default=None, help="run directory (default: <output_dir>/<name>-<time>)")
@@ -141,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(_cmd_export(cfg), indent=2))
             return 0
         if ns.command == "bench":
-            from r2m_ray.bench import bench_rm
+            from r2m_ray.bench import bench_rl, bench_rm
 
-            result = bench_rm(cfg, ns.out, ns.run_dir)
+            result = (bench_rm if ns.what == "rm" else bench_rl)(cfg, ns.out, ns.run_dir)
             print(json.dumps(result, indent=2))
             return 0
     except (ConfigError, ValueError, FileNotFoundError) as err:
