@@ -36,10 +36,13 @@ def init_ray(cfg: RayConfig) -> dict[str, Any]:
         if key in os.environ:
             env_vars[key] = os.environ[key]
     if address:
+        # Inside `ray job submit` the job's runtime env already sets these; Ray 2.60 refuses to
+        # merge two runtime envs that name the same variable, even with equal values.
+        env_vars = {k: v for k, v in env_vars.items() if os.environ.get(k) != v}
         ray.init(
             address=address,
             namespace=cfg.namespace,
-            runtime_env={"env_vars": env_vars},
+            runtime_env={"env_vars": env_vars} if env_vars else None,
             log_to_driver=cfg.log_to_driver,
         )
     else:
