@@ -39,6 +39,15 @@ class RolloutConfig(Section):
     kv_cache_gb: float | None = Field(default=None, gt=0)
     enforce_eager: bool = False
     torch_threads: int = Field(default=1, ge=1)
+    # object_store: the learner puts the state dict once, every engine reloads from it;
+    # collective: learner rank 0 broadcasts into the engines' workers (NCCL on GPU, gloo on CPU)
+    weight_sync: Literal["object_store", "collective"] = "object_store"
+
+    @model_validator(mode="after")
+    def _collective_needs_vllm(self) -> RolloutConfig:
+        if self.weight_sync == "collective" and self.backend != "vllm":
+            raise ValueError("rl.rollout.weight_sync: collective needs rl.rollout.backend=vllm")
+        return self
 
 
 class PolicyConfig(Section):

@@ -65,11 +65,13 @@ def test_bench_rl_writes_json(ray_session, tmp_path):
     cfg = load_config(ROOT / "jobs" / "quickstart.yaml", small_overrides(tmp_path) + ["rm.max_steps=10"])
     report = bench_rl(cfg, str(tmp_path / "bench_rl.json"), str(tmp_path / "bench"))
     on_disk = json.loads((tmp_path / "bench_rl.json").read_text())
-    assert set(on_disk["variants"]) == {"frozen", "r2m"}
+    assert set(on_disk["variants"]) == {"frozen", "r2m", "r2m-collective"}
     for v in on_disk["variants"].values():
         assert v["steps"] == 2 and v["tokens_per_second"] > 0 and 0 < v["sync_share"] < 1
         assert set(v["phase_seconds"]) == {"generate", "experience", "annotate", "policy", "head", "sync"}
     frozen, r2m = on_disk["variants"]["frozen"], on_disk["variants"]["r2m"]
-    assert on_disk["r2m_wall_time_ratio"] == pytest.approx(r2m["step_seconds_total"] / frozen["step_seconds_total"])
+    assert on_disk["r2m_wall_time_ratio"] == pytest.approx(r2m["loop_seconds"] / frozen["loop_seconds"])
+    assert on_disk["r2m_phase_time_ratio"] == pytest.approx(r2m["step_seconds_total"] / frozen["step_seconds_total"])
+    assert 0 < on_disk["sync_share_of_step_collective"] < 1
     assert frozen["phase_seconds"]["head"] < 0.05  # vanilla has no head learner
     assert report["json"] == str(tmp_path / "bench_rl.json")

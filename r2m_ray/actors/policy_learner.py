@@ -274,6 +274,34 @@ class PolicyLearner:
         state = self._full_state()
         return state if self.rank == 0 or self.cfg.zero_stage != 3 else {}
 
+    def init_weight_transfer(
+        self, backend: str, rendezvous: str, world_size: int, rollouts: list[Any], workers_per_engine: int
+    ) -> None:
+        """Join the collective weight-sync group (rank 0 sends; under ZeRO-3 every rank gathers)."""
+        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+        from r2m_ray.actors.weight_transfer import (
+            LearnerWeightSource,
+            RolloutSyncClient,
+            register_gloo_backend,
+            trainer_init_info,
+        )
+
+        register_gloo_backend()
+        self.sync_client = RolloutSyncClient(rollouts, workers_per_engine)
+        source = LearnerWeightSource(self.engine.module, self.cfg.zero_stage == 3)
+        info = trainer_init_info(backend, rendezvous, world_size, rank=self.rank)
+        self.weight_transfer = WeightTransferTrainerFactory.trainer_init(info, client=self.sync_client, source=source)
+
+    def check_weight_transfer(self, version: int) -> None:
+        """Rank 0: every engine checks the version and the tensors' names and shapes."""
+        self.sync_client.version = version
+        self.sync_client.check(self.weight_transfer.source.metadata())
+
+    def send_weights(self) -> None:
+        """Broadcast the current weights into every engine (a collective under ZeRO-3)."""
+        self.weight_transfer.send_weights()
+
     def save(self, path: str, tokenizer_dir: str | None = None) -> str:
         """Rank 0 writes an HF directory (safetensors, + tokenizer if given); ZeRO-3 ranks all join the gather."""
         state = self._full_state()
@@ -361,6 +389,30 @@ class PolicyLearnerGroup:
         """A ref to rank 0's full HF-named weights (the object store holds one copy)."""
         return self._on_all_ranks("state_dict")[0]
 
+    def init_weight_transfer(
+        self, rollouts: list[Any], num_gpus_per_engine: float, workers_per_engine: int = 1
+    ) -> None:
+        """Open the collective weight-sync group {learner rank 0, every engine worker}."""
+        from r2m_ray.actors.weight_transfer import collective_backend
+
+        backend = collective_backend(num_gpus_per_engine)
+        ip, port = ray.get(self.actors[0].address.remote())  # rank 0 hosts the group's store
+        rendezvous = f"tcp://{ip}:{port}" if backend == "nccl" else rendezvous_for(ip, port)
+        world_size = 1 + len(rollouts) * workers_per_engine
+        ray.get(
+            self._on_all_ranks("init_weight_transfer", backend, rendezvous, world_size, rollouts, workers_per_engine)
+        )
+        self.transfer_rendezvous = rendezvous
+
+    def send_weights(self, version: int) -> None:
+        """Broadcast the weights into the engines opened by `init_weight_transfer`.
+
+        Checked on rank 0 first, apart: under ZeRO-3 the other ranks would otherwise
+        start gathering while a refused rank 0 never joins them.
+        """
+        ray.get(self.actors[0].check_weight_transfer.remote(version))
+        ray.get(self._on_all_ranks("send_weights"))
+
     def checksums(self) -> list[float]:
         """Per-rank weight checksums, every rank calling (a collective under ZeRO-3)."""
         return ray.get([a.checksum.remote() for a in self.actors])
@@ -374,5 +426,6 @@ class PolicyLearnerGroup:
         """Kill this group's actors and remove its rendezvous file."""
         for a in self.actors:
             ray.kill(a)
-        if self.rendezvous.startswith("file://"):
-            Path(self.rendezvous[len("file://") :]).unlink(missing_ok=True)
+        for rdzv in (self.rendezvous, getattr(self, "transfer_rendezvous", "")):
+            if rdzv.startswith("file://"):
+                Path(rdzv[len("file://") :]).unlink(missing_ok=True)

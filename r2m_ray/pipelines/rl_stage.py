@@ -8,7 +8,9 @@ Per step t of T:
   advantages  GRPO (group-normalised) or RLOO (leave-one-out) over each prompt's K samples
   policy      k epochs of the clipped ratio loss + KL; the last epoch refreshes h → h'
   head        RewardHeadLearner: one GREBT update on h' with the annotation-time winners/losers
-  sync        policy weights → every RolloutActor; head weights → every annotator
+  sync        policy weights → every RolloutActor (object store or broadcast); the head update
+              and its load into the annotator run on, overlapping the sync and the next
+              generate (actor calls keep their order, so the next annotate sees the new head)
 and logs proxy reward, gold reward, their gap, KL, length, entropy, RM accuracy on
 gold-labelled held-out pairs, and wall time per phase.
 """
@@ -137,23 +139,41 @@ def run_rl_stage(
     head_learner = RewardHeadLearner.remote(str(rm_ckpt), reward_json, d_policy, seed) if mode == "r2m" else None
     heldout = heldout_pairs(cfg, world_paths, rl.heldout_pairs)
 
-    def rm_accuracy(t: int) -> float | None:
+    def rm_accuracy_ref(t: int) -> ray.ObjectRef | None:
         if heldout is None:
             return None
-        return ray.get(
-            annotator.pairwise_accuracy.remote(
-                heldout["prompt_messages"], heldout["chosen"], heldout["rejected"], None, t, T
-            )
+        return annotator.pairwise_accuracy.remote(
+            heldout["prompt_messages"], heldout["chosen"], heldout["rejected"], None, t, T
+        )
+
+    def finish_step(t: int, metrics: dict[str, Any], head_refs: list, acc_ref: Any) -> None:
+        """Log step t once its head update and RM evaluation (left running) are done."""
+        metrics["head"] = ray.get(head_refs)[0] if head_refs else {}  # also raises a failed load_head
+        metrics["rm_accuracy"] = ray.get(acc_ref) if acc_ref is not None else None
+        history.append(metrics)
+        run.log("rl", t + 1, metrics)
+        log.info(
+            "rl step %d/%d proxy %.3f gold %s kl %.4f len %.1f (%.1fs)",
+            t + 1,
+            T,
+            metrics["proxy_reward"],
+            f"{metrics.get('gold_reward', float('nan')):.3f}",
+            metrics["kl"],
+            metrics["response_length"],
+            sum(metrics["phase_seconds"].values()),
         )
 
     # actor construction is asynchronous: wait for every engine here so that start-up
     # (model load, vLLM's first compile) is reported apart from step 1's generate time
     t_ready = time.perf_counter()
     ray.get([r.ping.remote() for r in rollouts] + [annotator.head_version.remote()])
+    if rl.rollout.weight_sync == "collective":
+        learner.init_weight_transfer(rollouts, rl.rollout.num_gpus_per_actor)
     startup_seconds = time.perf_counter() - t_ready
-    acc_before = rm_accuracy(0)
+    acc_before = ray.get(rm_accuracy_ref(0)) if heldout is not None else None
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
     history: list[dict[str, Any]] = []
+    unfinished: tuple | None = None  # (t, metrics, head ref, accuracy ref) of the previous step
     t_start, tokens_total = time.perf_counter(), 0
     for t in range(T):
         phase: dict[str, float] = {}
@@ -162,7 +182,10 @@ def run_rl_stage(
         idx = [order[(t * rl.prompts_per_step + i) % len(order)] for i in range(rl.prompts_per_step)]
         rows = prompts.select(idx)
         samples = generate(rollouts, rows["prompt_input_ids"], cfg, t)
-        phase["generate"], tick = time.perf_counter() - tick, time.perf_counter()
+        phase["generate"] = time.perf_counter() - tick
+        if unfinished is not None:  # the last step's head update and evaluation ran during generate
+            finish_step(*unfinished)
+        tick = time.perf_counter()
         msgs = [rows["prompt_messages"][i] for i in samples["prompt_index"]]
         batch = sequence_batch(samples["prompt_ids"], samples["response_ids"], pad_id)
         n_tokens = int(batch["response_mask"].sum())
@@ -176,7 +199,7 @@ def run_rl_stage(
         hidden_refs = [e["hidden_ref"] for e in exp]
         ref_logp = ray.get(ref_logp_ref)
         phase["experience"], tick = time.perf_counter() - tick, time.perf_counter()
-        # 3. annotate
+        # 3. annotate (the annotator runs the previous step's load_head first: actor calls keep order)
         ann = ray.get(annotator.annotate.remote(msgs, samples["text"], hidden_refs if mode == "r2m" else None, t, T))
         rewards = ann["rewards"]
         phase["annotate"], tick = time.perf_counter() - tick, time.perf_counter()
@@ -186,53 +209,44 @@ def run_rl_stage(
         new_hidden_refs = [s.pop("hidden_ref") for s in per_rank]
         policy_stats = PolicyLearnerGroup.reduce_metrics(per_rank)
         phase["policy"], tick = time.perf_counter() - tick, time.perf_counter()
-        # 6. GREBT head update on h', winners/losers from the annotation-time rewards
-        head_stats: dict[str, float] = {}
+        # 6. GREBT head update on h', winners/losers from the annotation-time rewards. Not
+        # awaited: it runs while the weights sync and the next step generates; the annotator
+        # loads the new head before it annotates again (and before the evaluation below).
+        head_refs = []
         if head_learner is not None:
             winner, loser = self_labelled_pairs(rewards.view(-1, K))
-            head_stats = ray.get(head_learner.update.remote(ann["rte"], new_hidden_refs, K, winner, loser, t, T))
+            head_refs.append(head_learner.update.remote(ann["rte"], new_hidden_refs, K, winner, loser, t, T))
+            head_refs.append(annotator.load_head.remote(head_learner.head_state.remote(), t + 1))
         phase["head"], tick = time.perf_counter() - tick, time.perf_counter()
-        # 7. sync: policy weights to every engine, head weights to the annotator
-        weights_ref = learner.state_dict_ref()
-        syncs = [r.update_weights.remote(weights_ref, t + 1) for r in rollouts]
-        if head_learner is not None:
-            syncs.append(annotator.load_head.remote(head_learner.head_state.remote(), t + 1))
-        ray.get(syncs)
+        # 7. sync: policy weights to every engine
+        if rl.rollout.weight_sync == "collective":
+            learner.send_weights(t + 1)  # rank 0 → every engine, one broadcast
+        else:
+            weights_ref = learner.state_dict_ref()
+            ray.get([r.update_weights.remote(weights_ref, t + 1) for r in rollouts])
         phase["sync"] = time.perf_counter() - tick
-        # 8. log
+        # 8. metrics; logged when the head update and evaluation are done (next step or the end)
         gold = (
             torch.tensor(gold_rewards([m[-1]["content"] for m in msgs], samples["text"], cfg.world))
             if has_gold
             else None
         )
-        kl = policy_stats.get("kl", float("nan"))
         metrics = {
             "proxy_reward": float(rewards.mean()),
-            "kl": kl,
+            "kl": policy_stats.get("kl", float("nan")),
             "entropy": policy_stats.get("entropy"),
             "response_length": n_tokens / len(samples["text"]),
             "omega": ann.get("omega"),
-            "rm_accuracy": rm_accuracy(t + 1) if (t + 1) % rl.eval_every == 0 or t + 1 == T else None,
             "phase_seconds": phase,
             "tokens_per_second": n_tokens / max(sum(phase.values()), 1e-9),
             "policy": policy_stats,
-            "head": head_stats,
         }
         if gold is not None:
             metrics["gold_reward"] = float(gold.mean())
             metrics["proxy_gold_gap"] = metrics["proxy_reward"] - metrics["gold_reward"]
-        history.append(metrics)
-        run.log("rl", t + 1, metrics)
-        log.info(
-            "rl step %d/%d proxy %.3f gold %s kl %.4f len %.1f (%.1fs)",
-            t + 1,
-            T,
-            metrics["proxy_reward"],
-            f"{metrics.get('gold_reward', float('nan')):.3f}",
-            kl,
-            metrics["response_length"],
-            sum(phase.values()),
-        )
+        evaluate = (t + 1) % rl.eval_every == 0 or t + 1 == T
+        unfinished = (t, metrics, head_refs, rm_accuracy_ref(t + 1) if evaluate else None)
+    finish_step(*unfinished)
     elapsed = time.perf_counter() - t_start
     steps = list(range(1, T + 1))
     if has_gold:
