@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from r2m_ray.config_base import Section
+from r2m_ray.config_base import OptimConfig, Section
 from r2m_ray.data.config import DataConfig
 from r2m_ray.models.config import ModelConfig
 from r2m_ray.rl_config import RLConfig
@@ -34,16 +34,6 @@ class RayConfig(Section):
     num_cpus: int | None = Field(default=None, ge=1)
     namespace: str = "r2m-ray"
     log_to_driver: bool = True
-
-
-class OptimConfig(Section):
-    """AdamW (torch's, never DeepSpeed's fused kernels on CPU) with linear warm-up."""
-
-    lr: float = Field(default=1e-4, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = Field(default=10, ge=0)
-    grad_clip: float = Field(default=1.0, gt=0)
 
 
 class DeepSpeedConfig(Section):

@@ -10,17 +10,14 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from r2m_ray.config_base import Section
+from r2m_ray.config_base import OptimConfig, Section
 
 
-class RLOptimConfig(Section):
-    """AdamW for the policy (torch's; DeepSpeed's fused kernels compile for minutes on CPU)."""
+class PolicyOptimConfig(OptimConfig):
+    """The policy's AdamW: the shared optimiser section with RL defaults (small lr, no warm-up)."""
 
     lr: float = Field(default=1e-5, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = Field(default=0, ge=0)
-    grad_clip: float = Field(default=1.0, gt=0)
 
 
 class RolloutConfig(Section):
@@ -60,7 +57,7 @@ class PolicyConfig(Section):
     kl_coef: float = Field(default=0.05, ge=0)
     kl_estimator: Literal["k1", "k3"] = "k3"
     hidden_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # policy feedback h in transit
-    optim: RLOptimConfig = RLOptimConfig()
+    optim: PolicyOptimConfig = PolicyOptimConfig()
     ranks: int = Field(default=1, ge=1)
     zero_stage: int = Field(default=2, ge=0, le=3)
     num_cpus_per_rank: float = Field(default=1.0, gt=0)

@@ -13,7 +13,7 @@ from r2m_ray.actors.reference import ReferenceActor
 from r2m_ray.algos.policy_loss import entropy_from_logits, grpo_advantages, kl_penalty, masked_mean, rloo_advantages
 from r2m_ray.data.collate import pad_ids
 from r2m_ray.models.registry import load_causal_lm, load_tokenizer
-from r2m_ray.rl_config import PolicyConfig, RLOptimConfig
+from r2m_ray.rl_config import PolicyConfig, PolicyOptimConfig
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +78,7 @@ def batch(tok):
 
 
 def policy_cfg(**kw) -> PolicyConfig:
-    base = {"micro_batch_size": 4, "kl_coef": 0.05, "kl_estimator": "k3", "optim": RLOptimConfig(lr=5e-4)}
+    base = {"micro_batch_size": 4, "kl_coef": 0.05, "kl_estimator": "k3", "optim": PolicyOptimConfig(lr=5e-4)}
     return PolicyConfig(**{**base, **kw})
 
 

@@ -24,13 +24,15 @@ def setup(ray_session, small_cfg, tiny_model_dir):
     from r2m_ray.actors.policy_learner import PolicyLearnerGroup
     from r2m_ray.actors.rollout import RolloutActor
     from r2m_ray.data.tokenize import encode_prompt
-    from r2m_ray.rl_config import PolicyConfig, RLOptimConfig
+    from r2m_ray.rl_config import PolicyConfig, PolicyOptimConfig
 
     ray = ray_session
     update = {"kv_cache_gb": 0.25, "enforce_eager": True, "weight_sync": "collective"}
     rollout_json = small_cfg.rl.rollout.model_copy(update=update).model_dump_json()
     engines = [RolloutActor.options(num_cpus=0.5).remote(str(tiny_model_dir), rollout_json, 0) for _ in range(2)]
-    cfg = PolicyConfig(ranks=2, zero_stage=3, micro_batch_size=4, num_cpus_per_rank=0.5, optim=RLOptimConfig(lr=5e-3))
+    cfg = PolicyConfig(
+        ranks=2, zero_stage=3, micro_batch_size=4, num_cpus_per_rank=0.5, optim=PolicyOptimConfig(lr=5e-3)
+    )
     learner = PolicyLearnerGroup(cfg, tiny_model_dir, seed=0)
     ray.get([e.ping.remote() for e in engines], timeout=300)
     learner.init_weight_transfer(engines, num_gpus_per_engine=0.0)

@@ -1,6 +1,7 @@
 """What every DeepSpeed learner group needs: how ranks meet and how the process group starts.
 
-Shared by the RM learner and the policy learner groups.
+Shared by the RM learner and the policy learner: the rendezvous, the DeepSpeed set-up,
+the rank-side base (`LearnerRank`) and the driver-side group handle (`LearnerGroup`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import ipaddress
 import os
 import tempfile
 import uuid
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,3 +62,114 @@ def deepspeed_config(zero_stage: int, grad_clip: float, micro_batch: int, bf16: 
 def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up to the configured lr, then constant."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+
+
+def gathered_state_dict(module: torch.nn.Module, zero3: bool) -> dict[str, torch.Tensor]:
+    """Full CPU copies of a module's weights; under ZeRO-3 a gather every rank must join."""
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+class LearnerRank:
+    """What every learner actor (one DeepSpeed rank) shares: its rank and rank 0's address."""
+
+    def __init__(self, rank: int, world_size: int, torch_threads: int) -> None:
+        torch.set_num_threads(torch_threads)
+        self.rank = rank
+        self.world_size = world_size
+        self.engine: Any = None
+        self.zero3 = False  # set by init from the learner's config (ZeRO-3 gathers need every rank)
+
+    def address(self) -> tuple[str, int]:
+        """This node's address and a free port on it (asked of rank 0, which hosts the group)."""
+        from r2m_ray.ray_setup import free_port, node_ip
+
+        ip = node_ip()
+        return ip, free_port(ip)
+
+    def checksum(self) -> float:
+        """Sum of |weights| over the full model: the test that ranks stay identical."""
+        return float(sum(v.double().abs().sum() for v in gathered_state_dict(self.engine.module, self.zero3).values()))
+
+
+class LearnerGroup:
+    """Driver-side handle of `ranks` learner actors forming one DeepSpeed group.
+
+    Rank 0 is created first: it names the node and port the group meets on. Every
+    actor's `init(cfg_json, model_dir, rendezvous, seed)` then runs concurrently.
+    """
+
+    def __init__(
+        self,
+        actor_cls: Any,
+        role: str,
+        ranks: int,
+        zero_stage: int,
+        resources: tuple[float, float],
+        torch_threads: int | None,
+        init_args: tuple[str, str, int],
+    ) -> None:
+        import ray
+
+        from r2m_ray.ray_setup import check_resources
+
+        num_cpus, num_gpus = resources
+        check_resources(role, ranks, num_cpus, num_gpus)
+        threads = torch_threads or max(1, int(num_cpus))
+        opts = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+        self.world_size, self.zero_stage = ranks, zero_stage
+        self.actors = [actor_cls.options(**opts).remote(0, ranks, threads)]
+        master_addr, master_port = ray.get(self.actors[0].address.remote())
+        self.actors += [actor_cls.options(**opts).remote(r, ranks, threads) for r in range(1, ranks)]
+        self.rendezvous = rendezvous_for(master_addr, master_port)
+        self.extra_rendezvous: list[str] = []  # other groups' files this handle must clean up
+        cfg_json, model_dir, seed = init_args
+        self.init_info = ray.get([a.init.remote(cfg_json, model_dir, self.rendezvous, seed) for a in self.actors])
+
+    def row_bounds(self, n: int, what: str) -> list[int]:
+        """Contiguous row ranges, one per rank (bounds[i]:bounds[i+1])."""
+        if n < self.world_size:
+            raise ValueError(f"batch of {n} {what} cannot be split over {self.world_size} ranks")
+        return torch.linspace(0, n, self.world_size + 1).round().long().tolist()
+
+    def put_slices(self, batch: dict[str, torch.Tensor], bounds: list[int]) -> list[Any]:
+        """One ObjectRef per rank: its rows of every field, put once and passed by ref."""
+        import ray
+
+        return [ray.put({k: v[bounds[i] : bounds[i + 1]] for k, v in batch.items()}) for i in range(self.world_size)]
+
+    def _on_all_ranks(self, method: str, *args: Any) -> list[Any]:
+        """Under ZeRO-3 gathering weights is a collective: every rank must take part."""
+        actors = self.actors if self.zero_stage == 3 else self.actors[:1]
+        return [getattr(a, method).remote(*args) for a in actors]
+
+    def state_dict_ref(self) -> Any:
+        """A ref to rank 0's full weights (the object store holds one copy)."""
+        return self._on_all_ranks("state_dict")[0]
+
+    def checksums(self) -> list[float]:
+        """Per-rank weight checksums, every rank calling (a collective under ZeRO-3)."""
+        import ray
+
+        return ray.get([a.checksum.remote() for a in self.actors])
+
+    def save(self, path: Any, tokenizer_dir: Any = None) -> Any:
+        """Write the model at `path` (rank 0; every rank joins the gather under ZeRO-3); returns it."""
+        import ray
+
+        ray.get(self._on_all_ranks("save", str(path), str(tokenizer_dir) if tokenizer_dir else None))
+        return path
+
+    def shutdown(self) -> None:
+        """Kill the actors and remove the group's rendezvous files."""
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        for rdzv in [self.rendezvous, *self.extra_rendezvous]:
+            if rdzv.startswith("file://"):
+                Path(rdzv[len("file://") :]).unlink(missing_ok=True)

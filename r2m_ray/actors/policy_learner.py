@@ -33,10 +33,17 @@ import ray
 import torch
 from torch import Tensor, nn
 
-from r2m_ray.actors.distributed import deepspeed_config, init_distributed, rendezvous_for, warmup_schedule
+from r2m_ray.actors.distributed import (
+    LearnerGroup,
+    LearnerRank,
+    deepspeed_config,
+    gathered_state_dict,
+    init_distributed,
+    rendezvous_for,
+    warmup_schedule,
+)
 from r2m_ray.algos.policy_loss import clipped_policy_loss, entropy_from_logits, kl_penalty
 from r2m_ray.models.reward_model import position_ids_from_mask
-from r2m_ray.ray_setup import check_resources
 from r2m_ray.rl_config import PolicyConfig
 
 EXPERIENCE_KEYS = ("input_ids", "attention_mask", "response_mask")
@@ -92,23 +99,13 @@ def micro_batch_slices(rows: int, num_micro: int) -> list[slice]:
 
 
 @ray.remote
-class PolicyLearner:
+class PolicyLearner(LearnerRank):
     """One rank: causal LM + DeepSpeed engine; experience and k-epoch policy updates on its rows."""
 
     def __init__(self, rank: int, world_size: int, torch_threads: int) -> None:
-        torch.set_num_threads(torch_threads)
-        self.rank = rank
-        self.world_size = world_size
-        self.engine = None
+        super().__init__(rank, world_size, torch_threads)
         self.optimizer_steps = 0
         self.train_calls = 0
-
-    def address(self) -> tuple[str, int]:
-        """Rank 0's node address and a free port for the process group."""
-        from r2m_ray.ray_setup import free_port, node_ip
-
-        ip = node_ip()
-        return ip, free_port(ip)
 
     def init(self, cfg_json: str, model_dir: str, rendezvous: str, seed: int) -> dict[str, Any]:
         """Load the policy (same weights on every rank) and build the DeepSpeed engine.
@@ -120,6 +117,7 @@ class PolicyLearner:
         from r2m_ray.models.registry import load_causal_lm
 
         self.cfg = PolicyConfig.model_validate_json(cfg_json)
+        self.zero3 = self.cfg.zero_stage == 3
         self.hidden_dtype = getattr(torch, self.cfg.hidden_dtype)
         backend = init_distributed(self.rank, self.world_size, rendezvous, "auto")
         torch.manual_seed(seed)
@@ -255,24 +253,14 @@ class PolicyLearner:
 
     # ------------------------------------------------------------------ weights
 
-    def _full_state(self) -> dict[str, Tensor]:
-        """Full CPU weights with HF names; under ZeRO-3 a collective every rank must join."""
-        module = self.engine.module
-        if self.cfg.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
     def state_dict(self) -> dict[str, Tensor]:
         """Full CPU weights keyed exactly like the HF model's ``state_dict()`` (for vLLM reloads).
 
         Under ZeRO-3 every rank must call it (a gather); ranks other than 0 then return {}
         so the object store holds one copy.
         """
-        state = self._full_state()
-        return state if self.rank == 0 or self.cfg.zero_stage != 3 else {}
+        state = gathered_state_dict(self.engine.module, self.zero3)
+        return state if self.rank == 0 or not self.zero3 else {}
 
     def init_weight_transfer(
         self, backend: str, rendezvous: str, world_size: int, rollouts: list[Any], workers_per_engine: int
@@ -289,7 +277,7 @@ class PolicyLearner:
 
         register_gloo_backend()
         self.sync_client = RolloutSyncClient(rollouts, workers_per_engine)
-        source = LearnerWeightSource(self.engine.module, self.cfg.zero_stage == 3)
+        source = LearnerWeightSource(self.engine.module, self.zero3)
         info = trainer_init_info(backend, rendezvous, world_size, rank=self.rank)
         self.weight_transfer = WeightTransferTrainerFactory.trainer_init(info, client=self.sync_client, source=source)
 
@@ -304,7 +292,7 @@ class PolicyLearner:
 
     def save(self, path: str, tokenizer_dir: str | None = None) -> str:
         """Rank 0 writes an HF directory (safetensors, + tokenizer if given); ZeRO-3 ranks all join the gather."""
-        state = self._full_state()
+        state = gathered_state_dict(self.engine.module, self.zero3)
         if self.rank == 0:
             from transformers import AutoTokenizer
 
@@ -313,12 +301,8 @@ class PolicyLearner:
                 AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
         return path
 
-    def checksum(self) -> float:
-        """Sum of |weights|: the test that ranks stay identical."""
-        return float(sum(v.double().abs().sum() for v in self._full_state().values()))
 
-
-class PolicyLearnerGroup:
+class PolicyLearnerGroup(LearnerGroup):
     """Driver-side handle of ``cfg.ranks`` PolicyLearner actors forming one DeepSpeed group.
 
     ``experience_async`` / ``train_async`` return one ref per rank, in row order; each resolves
@@ -327,25 +311,21 @@ class PolicyLearnerGroup:
     """
 
     def __init__(self, cfg: PolicyConfig, model_dir: Path, seed: int) -> None:
-        threads = cfg.torch_threads or max(1, int(cfg.num_cpus_per_rank))
-        opts = {"num_cpus": cfg.num_cpus_per_rank, "num_gpus": cfg.num_gpus_per_rank}
-        check_resources("rl.policy (PolicyLearner ranks)", cfg.ranks, cfg.num_cpus_per_rank, cfg.num_gpus_per_rank)
         self.cfg = cfg
-        self.world_size = cfg.ranks
-        self.zero_stage = cfg.zero_stage
-        self.actors = [PolicyLearner.options(**opts).remote(0, cfg.ranks, threads)]
-        master_addr, master_port = ray.get(self.actors[0].address.remote())
-        self.actors += [PolicyLearner.options(**opts).remote(r, cfg.ranks, threads) for r in range(1, cfg.ranks)]
-        self.rendezvous = rendezvous_for(master_addr, master_port)
-        cfg_json = cfg.model_dump_json()
-        self.init_info = ray.get([a.init.remote(cfg_json, str(model_dir), self.rendezvous, seed) for a in self.actors])
+        super().__init__(
+            PolicyLearner,
+            "rl.policy (PolicyLearner ranks)",
+            cfg.ranks,
+            cfg.zero_stage,
+            (cfg.num_cpus_per_rank, cfg.num_gpus_per_rank),
+            cfg.torch_threads,
+            (cfg.model_dump_json(), str(model_dir), seed),
+        )
 
     def _slices(self, batch: dict[str, Tensor]) -> tuple[list[ray.ObjectRef], int]:
         """One ObjectRef per rank (rows split contiguously, put once) and the common micro-batch count."""
         n = batch["input_ids"].shape[0]
-        if n < self.world_size:
-            raise ValueError(f"batch of {n} sequences cannot be split over {self.world_size} policy ranks")
-        bounds = torch.linspace(0, n, self.world_size + 1).round().long().tolist()
+        bounds = self.row_bounds(n, "sequences")
         sizes = [bounds[i + 1] - bounds[i] for i in range(self.world_size)]
         # Every rank must take as many optimiser steps (and, under ZeRO-3, forwards) as the others.
         num_micro = math.ceil(max(sizes) / self.cfg.micro_batch_size)
@@ -354,8 +334,7 @@ class PolicyLearnerGroup:
                 f"batch of {n} sequences over {self.world_size} ranks with rl.policy.micro_batch_size="
                 f"{self.cfg.micro_batch_size} gives ranks unequal micro-batch counts; use a multiple of the ranks"
             )
-        refs = [ray.put({k: v[bounds[i] : bounds[i + 1]] for k, v in batch.items()}) for i in range(self.world_size)]
-        return refs, num_micro
+        return self.put_slices(batch, bounds), num_micro
 
     def experience_async(self, batch: dict[str, Tensor]) -> list[ray.ObjectRef]:
         """Start `experience` on every rank; refs in row order (cat their old_logp along dim 0)."""
@@ -380,15 +359,6 @@ class PolicyLearnerGroup:
             out["optimizer_steps"] = per_rank[0]["optimizer_steps"]
         return out
 
-    def _on_all_ranks(self, method: str, *args: Any) -> list[ray.ObjectRef]:
-        """Under ZeRO-3 gathering weights is a collective: every rank must take part."""
-        actors = self.actors if self.zero_stage == 3 else self.actors[:1]
-        return [getattr(a, method).remote(*args) for a in actors]
-
-    def state_dict_ref(self) -> ray.ObjectRef:
-        """A ref to rank 0's full HF-named weights (the object store holds one copy)."""
-        return self._on_all_ranks("state_dict")[0]
-
     def init_weight_transfer(
         self, rollouts: list[Any], num_gpus_per_engine: float, workers_per_engine: int = 1
     ) -> None:
@@ -402,7 +372,7 @@ class PolicyLearnerGroup:
         ray.get(
             self._on_all_ranks("init_weight_transfer", backend, rendezvous, world_size, rollouts, workers_per_engine)
         )
-        self.transfer_rendezvous = rendezvous
+        self.extra_rendezvous.append(rendezvous)
 
     def send_weights(self, version: int) -> None:
         """Broadcast the weights into the engines opened by `init_weight_transfer`.
@@ -412,20 +382,3 @@ class PolicyLearnerGroup:
         """
         ray.get(self.actors[0].check_weight_transfer.remote(version))
         ray.get(self._on_all_ranks("send_weights"))
-
-    def checksums(self) -> list[float]:
-        """Per-rank weight checksums, every rank calling (a collective under ZeRO-3)."""
-        return ray.get([a.checksum.remote() for a in self.actors])
-
-    def save(self, path: Path, tokenizer_dir: Path | None = None) -> Path:
-        """Write an HF model directory (safetensors) at ``path``; returns it."""
-        ray.get(self._on_all_ranks("save", str(path), str(tokenizer_dir) if tokenizer_dir else None))
-        return path
-
-    def shutdown(self) -> None:
-        """Kill this group's actors and remove its rendezvous file."""
-        for a in self.actors:
-            ray.kill(a)
-        for rdzv in (self.rendezvous, getattr(self, "transfer_rendezvous", "")):
-            if rdzv.startswith("file://"):
-                Path(rdzv[len("file://") :]).unlink(missing_ok=True)

@@ -4,8 +4,7 @@ Each rank is a Ray actor owning a RewardModel wrapped by a DeepSpeed engine (ZeR
 stage from config; gloo on CPU, NCCL on GPU). The loss is BT (or a baseline) plus
 the GRM regulariser, computed on ONE forward pass of chosen+rejected: the value
 head and the LM head read the same final hidden states.
-`RMLearnerGroup` is the driver-side handle: it creates rank 0 first, reads its
-address and a free port, starts the other ranks, and slices each batch per rank.
+`RMLearnerGroup` is the driver-side handle (a `LearnerGroup`): it slices each batch per rank.
 """
 
 from __future__ import annotations
@@ -17,12 +16,18 @@ from typing import Any
 import ray
 import torch
 
-from r2m_ray.actors.distributed import deepspeed_config, init_distributed, rendezvous_for, warmup_schedule
+from r2m_ray.actors.distributed import (
+    LearnerGroup,
+    LearnerRank,
+    deepspeed_config,
+    gathered_state_dict,
+    init_distributed,
+    warmup_schedule,
+)
 from r2m_ray.algos.bt import bt_loss, label_smoothing_loss, margin_loss, pairwise_accuracy
 from r2m_ray.algos.grm import grm_loss, grm_regulariser
 from r2m_ray.config import RMConfig
 from r2m_ray.data.tokenize import stack_pair_batch
-from r2m_ray.ray_setup import check_resources
 
 
 def reward_losses(
@@ -60,21 +65,8 @@ def reward_losses(
 
 
 @ray.remote
-class RMLearner:
+class RMLearner(LearnerRank):
     """One rank: RewardModel + DeepSpeed engine; trains on the slices it is handed."""
-
-    def __init__(self, rank: int, world_size: int, torch_threads: int) -> None:
-        torch.set_num_threads(torch_threads)
-        self.rank = rank
-        self.world_size = world_size
-        self.engine = None
-
-    def address(self) -> tuple[str, int]:
-        """Rank 0's node address and a free port for the process group."""
-        from r2m_ray.ray_setup import free_port, node_ip
-
-        ip = node_ip()
-        return ip, free_port(ip)
 
     def init(self, cfg_json: str, model_dir: str, rendezvous: str, seed: int) -> dict[str, Any]:
         """Build the model (same seed on every rank) and the DeepSpeed engine."""
@@ -86,6 +78,7 @@ class RMLearner:
 
         payload = json.loads(cfg_json)
         self.cfg = _RM.model_validate(payload["rm"])
+        self.zero3 = self.cfg.deepspeed.zero_stage == 3
         model_cfg = ModelConfig.model_validate(payload["model"])
         backend = init_distributed(self.rank, self.world_size, rendezvous, self.cfg.deepspeed.backend)
         torch.manual_seed(seed)
@@ -141,20 +134,14 @@ class RMLearner:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full CPU weights (gathered under ZeRO-3): snapshot for the prioritiser and checkpoints."""
-        module = self.engine.module
-        if self.cfg.deepspeed.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        return gathered_state_dict(self.engine.module, self.zero3)
 
     def save(self, path: str, tokenizer_dir: str | None = None) -> str:
         """Rank 0 writes the RewardModel (safetensors); under ZeRO-3 every rank joins the gather."""
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else None
-        if self.cfg.deepspeed.zero_stage == 3:
+        if self.zero3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None):
@@ -164,38 +151,26 @@ class RMLearner:
             self.engine.module.save_pretrained(path, tokenizer=tok)
         return path
 
-    def checksum(self) -> float:
-        """Sum of |weights|: the test that ranks stay identical."""
-        return float(sum(v.double().abs().sum() for v in self.state_dict().values()))
 
-
-class RMLearnerGroup:
-    """Driver-side handle of `ranks` RMLearner actors forming one DeepSpeed group."""
+class RMLearnerGroup(LearnerGroup):
+    """Driver-side handle of `rm.deepspeed.ranks` RMLearner actors forming one DeepSpeed group."""
 
     def __init__(self, cfg_json: str, rm: RMConfig, model_dir: Path, seed: int) -> None:
         ds = rm.deepspeed
-        threads = ds.torch_threads or max(1, int(ds.num_cpus_per_rank))
-        opts = {"num_cpus": ds.num_cpus_per_rank, "num_gpus": ds.num_gpus_per_rank}
-        self.world_size = ds.ranks
-        self.zero_stage = ds.zero_stage
-        check_resources("rm.deepspeed (RMLearner ranks)", ds.ranks, ds.num_cpus_per_rank, ds.num_gpus_per_rank)
-        self.actors = [RMLearner.options(**opts).remote(0, ds.ranks, threads)]
-        master_addr, master_port = ray.get(self.actors[0].address.remote())
-        self.actors += [RMLearner.options(**opts).remote(r, ds.ranks, threads) for r in range(1, ds.ranks)]
-        self.rendezvous = rendezvous_for(master_addr, master_port)
-        self.init_info = ray.get([a.init.remote(cfg_json, str(model_dir), self.rendezvous, seed) for a in self.actors])
-
-    def _slices(self, batch: dict[str, torch.Tensor]) -> list[ray.ObjectRef]:
-        """Split a batch by rows into one ObjectRef per rank (put once, passed by ref)."""
-        n = batch["chosen_input_ids"].shape[0]
-        if n < self.world_size:
-            raise ValueError(f"batch of {n} pairs cannot be split over {self.world_size} ranks")
-        bounds = torch.linspace(0, n, self.world_size + 1).round().long().tolist()
-        return [ray.put({k: v[bounds[i] : bounds[i + 1]] for k, v in batch.items()}) for i in range(self.world_size)]
+        super().__init__(
+            RMLearner,
+            "rm.deepspeed (RMLearner ranks)",
+            ds.ranks,
+            ds.zero_stage,
+            (ds.num_cpus_per_rank, ds.num_gpus_per_rank),
+            ds.torch_threads,
+            (cfg_json, str(model_dir), seed),
+        )
 
     def train_step_async(self, batch: dict[str, torch.Tensor]) -> list[ray.ObjectRef]:
-        """Start a step on every rank; returns their metric refs."""
-        return [a.train_step.remote(ref) for a, ref in zip(self.actors, self._slices(batch))]
+        """Start a step on every rank (rows split contiguously); returns their metric refs."""
+        refs = self.put_slices(batch, self.row_bounds(batch["chosen_input_ids"].shape[0], "pairs"))
+        return [a.train_step.remote(ref) for a, ref in zip(self.actors, refs)]
 
     @staticmethod
     def reduce_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
@@ -204,26 +179,3 @@ class RMLearnerGroup:
         out = {k: sum(m[k] * m["pairs"] for m in per_rank) / total for k in per_rank[0] if k != "pairs"}
         out["pairs"] = total
         return out
-
-    def _on_all_ranks(self, method: str, *args: Any) -> list[ray.ObjectRef]:
-        """Under ZeRO-3 gathering weights is a collective: every rank must take part."""
-        actors = self.actors if self.zero_stage == 3 else self.actors[:1]
-        return [getattr(a, method).remote(*args) for a in actors]
-
-    def state_dict_ref(self) -> ray.ObjectRef:
-        """A ref to rank 0's full weights (the object store holds one copy)."""
-        return self._on_all_ranks("state_dict")[0]
-
-    def checksums(self) -> list[float]:
-        """Per-rank weight checksums, every rank calling (a collective under ZeRO-3)."""
-        return ray.get([a.checksum.remote() for a in self.actors])
-
-    def save(self, path: Path, tokenizer_dir: Path | None = None) -> Path:
-        ray.get(self._on_all_ranks("save", str(path), str(tokenizer_dir) if tokenizer_dir else None))
-        return path
-
-    def shutdown(self) -> None:
-        for a in self.actors:
-            ray.kill(a)
-        if self.rendezvous.startswith("file://"):
-            Path(self.rendezvous[len("file://") :]).unlink(missing_ok=True)

@@ -7,10 +7,10 @@ Per step t of T:
   annotate    RewardAnnotator: frozen RM → RTE (cached) ⊕ R2M head(h, ω(t)) → rewards
   advantages  GRPO (group-normalised) or RLOO (leave-one-out) over each prompt's K samples
   policy      k epochs of the clipped ratio loss + KL; the last epoch refreshes h → h'
-  head        RewardHeadLearner: one GREBT update on h' with the annotation-time winners/losers
-  sync        policy weights → every RolloutActor (object store or broadcast); the head update
-              and its load into the annotator run on, overlapping the sync and the next
-              generate (actor calls keep their order, so the next annotate sees the new head)
+  sync        policy weights → every RolloutActor (object store, or a broadcast from rank 0)
+  head        RewardHeadLearner: one GREBT update on h' with the annotation-time winners/losers;
+              it and its load into the annotator overlap the next step's generate (actor
+              calls keep their order, so the next annotate sees the new head)
 and logs proxy reward, gold reward, their gap, KL, length, entropy, RM accuracy on
 gold-labelled held-out pairs, and wall time per phase.
 """
@@ -44,7 +44,7 @@ from r2m_ray.rundir import RunDir
 from r2m_ray.world import gold_rewards
 
 log = logging.getLogger(__name__)
-PHASES = ("generate", "experience", "annotate", "policy", "head", "sync")
+PHASES = ("generate", "experience", "annotate", "policy", "sync", "head")
 
 
 def generate(rollouts: list, prompt_ids: list[list[int]], cfg: RunConfig, step: int) -> dict[str, list]:
@@ -148,7 +148,10 @@ def run_rl_stage(
 
     def finish_step(t: int, metrics: dict[str, Any], head_refs: list, acc_ref: Any) -> None:
         """Log step t once its head update and RM evaluation (left running) are done."""
+        tick = time.perf_counter()
         metrics["head"] = ray.get(head_refs)[0] if head_refs else {}  # also raises a failed load_head
+        metrics["phase_seconds"]["head"] += time.perf_counter() - tick
+        metrics["tokens_per_second"] = metrics["n_tokens"] / max(sum(metrics["phase_seconds"].values()), 1e-9)
         metrics["rm_accuracy"] = ray.get(acc_ref) if acc_ref is not None else None
         history.append(metrics)
         run.log("rl", t + 1, metrics)
@@ -209,22 +212,23 @@ def run_rl_stage(
         new_hidden_refs = [s.pop("hidden_ref") for s in per_rank]
         policy_stats = PolicyLearnerGroup.reduce_metrics(per_rank)
         phase["policy"], tick = time.perf_counter() - tick, time.perf_counter()
-        # 6. GREBT head update on h', winners/losers from the annotation-time rewards. Not
-        # awaited: it runs while the weights sync and the next step generates; the annotator
-        # loads the new head before it annotates again (and before the evaluation below).
-        head_refs = []
-        if head_learner is not None:
-            winner, loser = self_labelled_pairs(rewards.view(-1, K))
-            head_refs.append(head_learner.update.remote(ann["rte"], new_hidden_refs, K, winner, loser, t, T))
-            head_refs.append(annotator.load_head.remote(head_learner.head_state.remote(), t + 1))
-        phase["head"], tick = time.perf_counter() - tick, time.perf_counter()
-        # 7. sync: policy weights to every engine
+        # 6. sync: policy weights to every engine
         if rl.rollout.weight_sync == "collective":
             learner.send_weights(t + 1)  # rank 0 → every engine, one broadcast
         else:
             weights_ref = learner.state_dict_ref()
             ray.get([r.update_weights.remote(weights_ref, t + 1) for r in rollouts])
-        phase["sync"] = time.perf_counter() - tick
+        phase["sync"], tick = time.perf_counter() - tick, time.perf_counter()
+        # 7. GREBT head update on h', winners/losers from the annotation-time rewards. Not
+        # awaited: it runs while the next step generates; the annotator loads the new head
+        # before it annotates again (actor calls keep their order). Its wait, if any, is
+        # counted as "head" time when the next step collects it.
+        head_refs = []
+        if head_learner is not None:
+            winner, loser = self_labelled_pairs(rewards.view(-1, K))
+            head_refs.append(head_learner.update.remote(ann["rte"], new_hidden_refs, K, winner, loser, t, T))
+            head_refs.append(annotator.load_head.remote(head_learner.head_state.remote(), t + 1))
+        phase["head"] = time.perf_counter() - tick
         # 8. metrics; logged when the head update and evaluation are done (next step or the end)
         gold = (
             torch.tensor(gold_rewards([m[-1]["content"] for m in msgs], samples["text"], cfg.world))
@@ -238,7 +242,7 @@ def run_rl_stage(
             "response_length": n_tokens / len(samples["text"]),
             "omega": ann.get("omega"),
             "phase_seconds": phase,
-            "tokens_per_second": n_tokens / max(sum(phase.values()), 1e-9),
+            "n_tokens": n_tokens,
             "policy": policy_stats,
         }
         if gold is not None:
