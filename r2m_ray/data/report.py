@@ -139,6 +139,8 @@ def check_rows(
     are never both held as Python lists; the result keeps `keep_columns` + `out_features`.
     `json_columns` hold exact JSON text (see sources.Source) and are decoded before `parse`.
     """
+    if len(ds) == 0:
+        raise ValueError(f"{report.source}: no rows to check (the input is empty)")
     policies = {"*": policy} if isinstance(policy, str) else dict(policy)
     hints = {"*": BAD_ROWS_HINT, "duplicate": BAD_ROWS_HINT + " or data.dedup=false", **(hints or {})}
     empty = {name: _empty_value(name, f) for name, f in out_features.items() if name != "source_index"}
@@ -196,5 +198,7 @@ def check_rows(
         report.add(reason, label, detail)
     report.n_out = len(keep)
     report.check()
+    if not keep:
+        raise ValueError(f"no usable rows left: {report.summary()}")
     result = mapped.select(keep) if len(keep) < len(mapped) else mapped
     return result.remove_columns(list(_CHECK_COLUMNS))

