@@ -152,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"r2m-ray: error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # NaN/inf beyond what the run may skip: say why it stopped
+        if os.environ.get("R2M_RAY_DEBUG"):
+            raise
+        print(f"r2m-ray: error: {err}", file=sys.stderr)
+        return 1
     except Exception as err:  # an actor that died: say which, not a 60-line Ray traceback
         import ray
 

@@ -99,7 +99,36 @@ class RewardConfig(Section):
     checkpoint: str | None = None  # RM checkpoint dir; default: this run's rm stage
     num_annotators: int = Field(default=1, ge=1)
     num_cpus_per_annotator: float = Field(default=1.0, gt=0)
+    num_cpus_per_head_learner: float = Field(default=0.0, ge=0)  # 0 = shares (it runs between the others)
     r2m: R2MConfig = R2MConfig()
+
+
+ROLES = ("rollout", "policy", "reference", "reward")  # reward = the annotator and the head learner
+
+
+class RolePlacement(Section):
+    """How one role's actors are placed when rl.placement.enabled."""
+
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    resources: dict[str, float] = {}  # custom resources per actor, e.g. {rollout_node: 1} to pick a node type
+
+
+class PlacementConfig(Section):
+    """One placement group per role (or per colocated set of roles); off = Ray's default scheduling."""
+
+    enabled: bool = False
+    rollout: RolePlacement = RolePlacement(strategy="SPREAD")
+    policy: RolePlacement = RolePlacement()
+    reference: RolePlacement = RolePlacement()
+    reward: RolePlacement = RolePlacement()
+    colocate: list[list[Literal["rollout", "policy", "reference", "reward"]]] = []
+
+    @model_validator(mode="after")
+    def _each_role_once(self) -> PlacementConfig:
+        seen = [r for s in self.colocate for r in s]
+        if len(seen) != len(set(seen)):
+            raise ValueError(f"rl.placement.colocate: a role may appear in one set only, got {self.colocate}")
+        return self
 
 
 class RLConfig(Section):
@@ -112,4 +141,9 @@ class RLConfig(Section):
     reward: RewardConfig = RewardConfig()
     heldout_pairs: int = Field(default=256, ge=0)  # gold-labelled pairs for RM accuracy before/after
     eval_every: int = Field(default=1, ge=1)  # RM accuracy on the held-out pairs every N steps (and last)
+    # a step whose rewards or every policy loss are NaN/inf is skipped and counted; this many in a row stop the run
+    max_nonfinite_steps: int = Field(default=3, ge=1)
+    # CPUs the reference actor reserves; 0 = it shares (it runs while the policy learner waits)
+    reference_num_cpus: float = Field(default=0.0, ge=0)
+    placement: PlacementConfig = PlacementConfig()
     policy_checkpoint: str | None = None  # policy to start from; default: this run's SFT checkpoint

@@ -198,6 +198,25 @@ def test_two_epochs_refresh_h_from_moved_weights(learner, batch):
     assert stats["clip_fraction"] > 0 or stats["approx_kl"] > 0
 
 
+def test_nonfinite_loss_skips_the_micro_batch_and_leaves_weights(learner, batch):
+    group, _ = learner
+    old_logp, _, _ = experience(group, batch)
+    before = group.checksums()[0]
+    steps_before = train(group, batch, old_logp, old_logp, torch.zeros(ROWS))[0]["optimizer_steps"]
+    after_zero_adv = group.checksums()[0]
+    adv = torch.ones(ROWS)
+    adv[0] = float("nan")  # poisons the first micro-batch's loss only
+    stats, _ = train(group, batch, old_logp, old_logp, adv)
+    assert stats["nonfinite_skipped"] == 1 and stats["optimizer_steps"] == steps_before + 1
+    assert math.isfinite(stats["loss"]) and group.checksums()[0] != after_zero_adv
+    adv[:] = float("nan")
+    moved = group.checksums()[0]
+    stats, _ = train(group, batch, old_logp, old_logp, adv)
+    assert stats["nonfinite_skipped"] == 2 and "loss" not in stats  # both micro-batches skipped
+    assert group.checksums()[0] == moved, "a skipped step must not touch the weights"
+    assert before != moved
+
+
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])
 def test_train_runs_with_group_advantages(learner, batch, algo):
     group, _ = learner

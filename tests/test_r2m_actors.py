@@ -145,12 +145,16 @@ def test_annotator_is_the_frozen_rm_at_t0_and_uses_feedback_later(
         r_c, r_r = direct["rewards"][::2], direct["rewards"][1::2]
         assert acc == pytest.approx(float(((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).mean()))
 
-        # bad input: a NaN in row 7's real tokens is named; r2m without feedback is refused
+        # bad input: a NaN in row 7's real tokens gives a NaN reward for row 7 only, counted and
+        # named (the driver then skips the step); r2m without feedback is refused
         bad = [c.copy() for c in feedback["chunks"]["h"]]
         bad[1] = {"hidden": bad[1]["hidden"].clone(), "mask": bad[1]["mask"]}
         bad[1]["hidden"][2, 0, 0] = float("nan")  # chunk 2 starts at row 5; right-padded, so position 0 is real
-        with pytest.raises(ray.exceptions.RayTaskError, match=r"rows \[7\]"):
-            ray.get(ann.annotate.remote(msgs, responses, [ray.put(c) for c in bad], T_MID, T_TOTAL))
+        out_bad = ray.get(ann.annotate.remote(msgs, responses, [ray.put(c) for c in bad], T_MID, T_TOTAL))
+        assert out_bad["nonfinite"] == 1 and out_bad["nonfinite_rows"] == [7]
+        finite = torch.ones(len(responses), dtype=torch.bool)
+        finite[7] = False
+        assert torch.isfinite(out_bad["rewards"][finite]).all() and not torch.isfinite(out_bad["rewards"][7])
         with pytest.raises(ray.exceptions.RayTaskError, match="hidden_refs"):
             ray.get(ann.annotate.remote(msgs, responses, None, T_MID, T_TOTAL))
 

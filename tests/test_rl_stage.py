@@ -59,6 +59,39 @@ def test_one_rl_run(trained, algo, mode):
     assert list((run.path / "plots").glob("rl_gold_vs_proxy_*.png"))
 
 
+def test_nan_rewards_skip_steps_then_stop_the_run(trained):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tmp, base = trained
+    poisoned = tmp / "rm-nan"
+    shutil.copytree(base / "checkpoints" / "rm-0", poisoned)
+    weights = poisoned / "backbone" / "model.safetensors"
+    state = load_file(str(weights))
+    state = {k: torch.full_like(v, float("nan")) if "embed_tokens" in k else v for k, v in state.items()}
+    save_file(state, str(weights))
+    cfg = load_config(
+        ROOT / "jobs" / "quickstart.yaml",
+        small_overrides(tmp)
+        + [
+            "stages=[world, rl]",
+            "rl.steps=3",
+            "rl.max_nonfinite_steps=2",
+            "rl.reward.mode=frozen",
+            f"rl.policy_checkpoint={base / 'checkpoints' / 'sft'}",
+            f"rl.reward.checkpoint={poisoned}",
+        ],
+    )
+    with pytest.raises(FloatingPointError, match=r"2 steps in a row .*rl.max_nonfinite_steps=2"):
+        run_pipeline(cfg, run_dir=tmp / "nan")
+    rows = [json.loads(line) for line in (tmp / "nan" / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r for r in rows if r["stage"] == "rl"]
+    assert [(r["step"], r["skipped"]) for r in skipped] == [(1, "nonfinite_rewards"), (2, "nonfinite_rewards")]
+    assert "rewards are NaN/inf" in skipped[0]["detail"]
+
+
 def test_bench_rl_writes_json(ray_session, tmp_path):
     from r2m_ray.bench import bench_rl
 

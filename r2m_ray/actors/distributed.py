@@ -10,6 +10,7 @@ import ipaddress
 import os
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,7 @@ class LearnerGroup:
         resources: tuple[float, float],
         torch_threads: int | None,
         init_args: tuple[str, str, int],
+        rank_options: Callable[[int], dict[str, Any]] | None = None,
     ) -> None:
         import ray
 
@@ -120,11 +122,12 @@ class LearnerGroup:
         num_cpus, num_gpus = resources
         check_resources(role, ranks, num_cpus, num_gpus)
         threads = torch_threads or max(1, int(num_cpus))
-        opts = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+        # rank_options(r): .options of rank r (its placement-group bundle); default: plain resources
+        opts = rank_options or (lambda r: {"num_cpus": num_cpus, "num_gpus": num_gpus})
         self.world_size, self.zero_stage = ranks, zero_stage
-        self.actors = [actor_cls.options(**opts).remote(0, ranks, threads)]
+        self.actors = [actor_cls.options(**opts(0)).remote(0, ranks, threads)]
         master_addr, master_port = ray.get(self.actors[0].address.remote())
-        self.actors += [actor_cls.options(**opts).remote(r, ranks, threads) for r in range(1, ranks)]
+        self.actors += [actor_cls.options(**opts(r)).remote(r, ranks, threads) for r in range(1, ranks)]
         self.rendezvous = rendezvous_for(master_addr, master_port)
         self.extra_rendezvous: list[str] = []  # other groups' files this handle must clean up
         cfg_json, model_dir, seed = init_args

@@ -25,7 +25,9 @@ and a free port, starts the other ranks, and slices each batch by rows, one `ray
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,10 @@ from r2m_ray.algos.policy_loss import clipped_policy_loss, entropy_from_logits, 
 from r2m_ray.models.reward_model import position_ids_from_mask
 from r2m_ray.rl_config import PolicyConfig
 
+logger = logging.getLogger(__name__)
+
 EXPERIENCE_KEYS = ("input_ids", "attention_mask", "response_mask")
+RANK_AGREED = ("optimizer_steps", "nonfinite_skipped")  # equal on every rank: taken, not averaged
 TRAIN_KEYS = (*EXPERIENCE_KEYS, "advantages", "old_logp", "ref_logp")
 
 
@@ -211,6 +216,7 @@ class PolicyLearner(LearnerRank):
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         hidden: list[Tensor] = []
+        skipped = 0
         for epoch in range(epochs):
             for i, sl in enumerate(slices):
                 mb = {k: batch[k][sl] for k in TRAIN_KEYS}
@@ -229,12 +235,18 @@ class PolicyLearner(LearnerRank):
                     kl=kl,
                     kl_coef=self.cfg.kl_coef,
                 )
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"rank {self.rank}: non-finite policy loss {loss.item()} at optimiser step "
-                        f"{self.optimizer_steps + 1} (train call {self.train_calls}, epoch {epoch + 1}/{epochs}, "
-                        f"micro-batch {i + 1}/{len(slices)}; {stats})"
+                if self._any_rank_nonfinite(loss):
+                    # every rank skips this micro-batch together: backward is a collective
+                    skipped += 1
+                    logger.warning(
+                        "rank %d: non-finite policy loss on some rank; micro-batch %d/%d of epoch %d skipped (%s)",
+                        self.rank,
+                        i + 1,
+                        len(slices),
+                        epoch + 1,
+                        stats,
                     )
+                    continue
                 ent_sum, ent_count = response_entropy_sum(logits.detach(), resp)
                 self.engine.backward(loss)
                 self.engine.step()
@@ -243,13 +255,29 @@ class PolicyLearner(LearnerRank):
                 grad_norm = self.engine.get_global_grad_norm()
                 if grad_norm is not None:
                     stats["grad_norm"] = float(grad_norm)
+                    if not math.isfinite(stats["grad_norm"]):
+                        # the step has already been applied: the weights are suspect, stop the stage
+                        raise FloatingPointError(
+                            f"rank {self.rank}: non-finite gradient norm at optimiser step {self.optimizer_steps}; "
+                            "the policy weights are no longer trustworthy (lower rl.policy.optim.lr or "
+                            "rl.policy.optim.grad_clip)"
+                        )
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                     counts[k] = counts.get(k, 0) + 1
         out: dict[str, Any] = {k: sums[k] / counts[k] for k in sums}
-        out.update(rows=rows, optimizer_steps=self.optimizer_steps)
+        out.update(rows=rows, optimizer_steps=self.optimizer_steps, nonfinite_skipped=skipped)
         out["hidden_ref"] = self._put_hidden(hidden, batch["attention_mask"])
         return out
+
+    def _any_rank_nonfinite(self, loss: Tensor) -> bool:
+        """True on every rank when the loss is NaN/inf on any rank (one tiny all-reduce)."""
+        flag = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
 
     # ------------------------------------------------------------------ weights
 
@@ -310,7 +338,13 @@ class PolicyLearnerGroup(LearnerGroup):
     in row order) to the actors that need h: they ``ray.get`` them themselves.
     """
 
-    def __init__(self, cfg: PolicyConfig, model_dir: Path, seed: int) -> None:
+    def __init__(
+        self,
+        cfg: PolicyConfig,
+        model_dir: Path,
+        seed: int,
+        rank_options: Callable[[int], dict[str, Any]] | None = None,
+    ) -> None:
         self.cfg = cfg
         super().__init__(
             PolicyLearner,
@@ -320,6 +354,7 @@ class PolicyLearnerGroup(LearnerGroup):
             (cfg.num_cpus_per_rank, cfg.num_gpus_per_rank),
             cfg.torch_threads,
             (cfg.model_dump_json(), str(model_dir), seed),
+            rank_options,
         )
 
     def _slices(self, batch: dict[str, Tensor]) -> tuple[list[ray.ObjectRef], int]:
@@ -350,13 +385,10 @@ class PolicyLearnerGroup(LearnerGroup):
     def reduce_metrics(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         """Row-weighted mean of the per-rank numeric stats, rows summed; refs and tensors are left out."""
         total = sum(m["rows"] for m in per_rank)
-        keys = [
-            k for k, v in per_rank[0].items() if isinstance(v, (int, float)) and k not in ("rows", "optimizer_steps")
-        ]
+        keys = [k for k, v in per_rank[0].items() if isinstance(v, (int, float)) and k not in ("rows", *RANK_AGREED)]
         out: dict[str, Any] = {k: sum(m[k] * m["rows"] for m in per_rank) / total for k in keys}
         out["rows"] = total
-        if "optimizer_steps" in per_rank[0]:
-            out["optimizer_steps"] = per_rank[0]["optimizer_steps"]
+        out.update({k: per_rank[0][k] for k in RANK_AGREED if k in per_rank[0]})
         return out
 
     def init_weight_transfer(

@@ -40,6 +40,7 @@ from r2m_ray.data.tokenize import load_prompts, tokenize_prompts
 from r2m_ray.eval.plots import plot_curve
 from r2m_ray.models.registry import load_tokenizer
 from r2m_ray.pipelines.preflight import preflight_rl
+from r2m_ray.placement import PlacementPlan, actor_nodes
 from r2m_ray.ray_setup import check_resources
 from r2m_ray.rundir import RunDir
 from r2m_ray.world import gold_rewards
@@ -125,167 +126,222 @@ def run_rl_stage(
     )
     d_policy = json.loads((policy_dir / "config.json").read_text())["hidden_size"]
 
-    # actors: rollout engines, policy learner group, reference, annotators, head learner
+    # actors: rollout engines, policy learner group, reference, annotator, head learner; placed
+    # by rl.placement (one placement group per role) or, by default, by Ray's scheduler
+    plan = PlacementPlan(rl)
     rollouts = [
-        RolloutActor.options(num_cpus=rl.rollout.num_cpus_per_actor, num_gpus=rl.rollout.num_gpus_per_actor).remote(
+        RolloutActor.options(**plan.options("rollout", i)).remote(
             str(policy_dir), rl.rollout.model_dump_json(), seed + i
         )
         for i in range(rl.rollout.num_actors)
     ]
-    learner = PolicyLearnerGroup(rl.policy, policy_dir, seed)
-    reference = ReferenceActor.remote(str(policy_dir), pad_id)
-    reward_json = rl.reward.model_dump_json()
-    annotator = RewardAnnotator.options(num_cpus=rl.reward.num_cpus_per_annotator).remote(
-        str(rm_ckpt), reward_json, d_policy, cfg.data.max_length, seed
-    )
-    head_learner = RewardHeadLearner.remote(str(rm_ckpt), reward_json, d_policy, seed) if mode == "r2m" else None
-    heldout = heldout_pairs(cfg, world_paths, rl.heldout_pairs)
-
-    def rm_accuracy_ref(t: int) -> ray.ObjectRef | None:
-        if heldout is None:
-            return None
-        return annotator.pairwise_accuracy.remote(
-            heldout["prompt_messages"], heldout["chosen"], heldout["rejected"], None, t, T
+    # everything started from here on is stopped in `finally`, also when a step fails
+    learner = reference = annotator = head_learner = None
+    try:
+        learner = PolicyLearnerGroup(rl.policy, policy_dir, seed, lambda r: plan.options("policy", r))
+        reference = ReferenceActor.options(**plan.options("reference", 0)).remote(str(policy_dir), pad_id)
+        reward_json = rl.reward.model_dump_json()
+        annotator = RewardAnnotator.options(**plan.options("reward", 0)).remote(
+            str(rm_ckpt), reward_json, d_policy, cfg.data.max_length, seed
         )
+        if mode == "r2m":
+            head_learner = RewardHeadLearner.options(**plan.options("reward", 1)).remote(
+                str(rm_ckpt), reward_json, d_policy, seed
+            )
+        heldout = heldout_pairs(cfg, world_paths, rl.heldout_pairs)
 
-    def finish_step(t: int, metrics: dict[str, Any], head_refs: list, acc_ref: Any) -> None:
-        """Log step t once its head update and RM evaluation (left running) are done."""
-        tick = time.perf_counter()
-        metrics["head"] = ray.get(head_refs)[0] if head_refs else {}  # also raises a failed load_head
-        metrics["phase_seconds"]["head"] += time.perf_counter() - tick
-        metrics["tokens_per_second"] = metrics["n_tokens"] / max(sum(metrics["phase_seconds"].values()), 1e-9)
-        metrics["rm_accuracy"] = ray.get(acc_ref) if acc_ref is not None else None
-        history.append(metrics)
-        run.log("rl", t + 1, metrics)
-        log.info(
-            "rl step %d/%d proxy %.3f gold %s kl %.4f len %.1f (%.1fs)",
-            t + 1,
-            T,
-            metrics["proxy_reward"],
-            f"{metrics.get('gold_reward', float('nan')):.3f}",
-            metrics["kl"],
-            metrics["response_length"],
-            sum(metrics["phase_seconds"].values()),
-        )
+        def rm_accuracy_ref(t: int) -> ray.ObjectRef | None:
+            if heldout is None:
+                return None
+            return annotator.pairwise_accuracy.remote(
+                heldout["prompt_messages"], heldout["chosen"], heldout["rejected"], None, t, T
+            )
 
-    # actor construction is asynchronous: wait for every engine here so that start-up
-    # (model load, vLLM's first compile) is reported apart from step 1's generate time
-    t_ready = time.perf_counter()
-    ray.get([r.ping.remote() for r in rollouts] + [annotator.head_version.remote()])
-    if rl.rollout.weight_sync == "collective":
-        learner.init_weight_transfer(rollouts, rl.rollout.num_gpus_per_actor)
-    startup_seconds = time.perf_counter() - t_ready
-    acc_before = ray.get(rm_accuracy_ref(0)) if heldout is not None else None
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
-    history: list[dict[str, Any]] = []
-    unfinished: tuple | None = None  # (t, metrics, head ref, accuracy ref) of the previous step
-    t_start, tokens_total = time.perf_counter(), 0
-    for t in range(T):
-        phase: dict[str, float] = {}
-        tick = time.perf_counter()
-        # 1. generate
-        idx = [order[(t * rl.prompts_per_step + i) % len(order)] for i in range(rl.prompts_per_step)]
-        rows = prompts.select(idx)
-        samples = generate(rollouts, rows["prompt_input_ids"], cfg, t)
-        phase["generate"] = time.perf_counter() - tick
-        if unfinished is not None:  # the last step's head update and evaluation ran during generate
-            finish_step(*unfinished)
-        tick = time.perf_counter()
-        msgs = [rows["prompt_messages"][i] for i in samples["prompt_index"]]
-        batch = sequence_batch(samples["prompt_ids"], samples["response_ids"], pad_id)
-        n_tokens = int(batch["response_mask"].sum())
-        tokens_total += n_tokens
-        # 2. experience: one policy forward (old log-probs + h as refs) ‖ reference log-probs
-        ref_logp_ref = reference.token_logprobs.remote(
-            batch["input_ids"], batch["attention_mask"], batch["response_mask"]
-        )
-        exp = ray.get(learner.experience_async(batch))
-        old_logp = torch.cat([e["old_logp"] for e in exp])
-        hidden_refs = [e["hidden_ref"] for e in exp]
-        ref_logp = ray.get(ref_logp_ref)
-        phase["experience"], tick = time.perf_counter() - tick, time.perf_counter()
-        # 3. annotate (the annotator runs the previous step's load_head first: actor calls keep order)
-        ann = ray.get(annotator.annotate.remote(msgs, samples["text"], hidden_refs if mode == "r2m" else None, t, T))
-        rewards = ann["rewards"]
-        phase["annotate"], tick = time.perf_counter() - tick, time.perf_counter()
-        # 4-5. advantages and k policy epochs (the last refreshes h → h')
-        batch.update(advantages=advantages(rewards, K, rl.policy.algo), old_logp=old_logp, ref_logp=ref_logp)
-        per_rank = ray.get(learner.train_async(batch, rl.policy.epochs))
-        new_hidden_refs = [s.pop("hidden_ref") for s in per_rank]
-        policy_stats = PolicyLearnerGroup.reduce_metrics(per_rank)
-        phase["policy"], tick = time.perf_counter() - tick, time.perf_counter()
-        # 6. sync: policy weights to every engine
+        def finish_step(t: int, metrics: dict[str, Any], head_refs: list, acc_ref: Any) -> None:
+            """Log step t once its head update and RM evaluation (left running) are done."""
+            tick = time.perf_counter()
+            metrics["step"] = t + 1
+            metrics["head"] = ray.get(head_refs)[0] if head_refs else {}  # also raises a failed load_head
+            metrics["phase_seconds"]["head"] += time.perf_counter() - tick
+            metrics["tokens_per_second"] = metrics["n_tokens"] / max(sum(metrics["phase_seconds"].values()), 1e-9)
+            metrics["rm_accuracy"] = ray.get(acc_ref) if acc_ref is not None else None
+            history.append(metrics)
+            run.log("rl", t + 1, metrics)
+            log.info(
+                "rl step %d/%d proxy %.3f gold %s kl %.4f len %.1f (%.1fs)",
+                t + 1,
+                T,
+                metrics["proxy_reward"],
+                f"{metrics.get('gold_reward', float('nan')):.3f}",
+                metrics["kl"],
+                metrics["response_length"],
+                sum(metrics["phase_seconds"].values()),
+            )
+
+        skipped = {"nonfinite_rewards": 0, "nonfinite_loss": 0, "nonfinite_loss_microbatches": 0}
+        nonfinite_in_a_row = 0
+
+        def skip_step(t: int, reason: str, detail: str, phase: dict[str, float]) -> None:
+            """Count and log a skipped step; stop the run after rl.max_nonfinite_steps in a row."""
+            nonlocal nonfinite_in_a_row
+            skipped[reason] += 1
+            nonfinite_in_a_row += 1
+            run.log("rl", t + 1, {"skipped": reason, "detail": detail, "phase_seconds": phase})
+            log.warning("rl step %d/%d skipped (%s): %s", t + 1, T, reason, detail)
+            if nonfinite_in_a_row >= rl.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"rl stage stopped at step {t + 1}: {nonfinite_in_a_row} steps in a row skipped for NaN/inf "
+                    f"(last: {detail}; rl.max_nonfinite_steps={rl.max_nonfinite_steps}); check the reward model "
+                    "checkpoint and rl.policy.optim.lr"
+                )
+
+        # actor construction is asynchronous: wait for every engine here so that start-up
+        # (model load, vLLM's first compile) is reported apart from step 1's generate time
+        t_ready = time.perf_counter()
+        ray.get([r.ping.remote() for r in rollouts] + [annotator.head_version.remote()])
         if rl.rollout.weight_sync == "collective":
-            learner.send_weights(t + 1)  # rank 0 → every engine, one broadcast
-        else:
-            weights_ref = learner.state_dict_ref()
-            ray.get([r.update_weights.remote(weights_ref, t + 1) for r in rollouts])
-        phase["sync"], tick = time.perf_counter() - tick, time.perf_counter()
-        # 7. GREBT head update on h', winners/losers from the annotation-time rewards. Not
-        # awaited: it runs while the next step generates; the annotator loads the new head
-        # before it annotates again (actor calls keep their order). Its wait, if any, is
-        # counted as "head" time when the next step collects it.
-        head_refs = []
+            learner.init_weight_transfer(rollouts, rl.rollout.num_gpus_per_actor)
+        startup_seconds = time.perf_counter() - t_ready
+        roles = {"rollout": rollouts, "policy": learner.actors, "reference": [reference], "reward": [annotator]}
         if head_learner is not None:
-            winner, loser = self_labelled_pairs(rewards.view(-1, K))
-            head_refs.append(head_learner.update.remote(ann["rte"], new_hidden_refs, K, winner, loser, t, T))
-            head_refs.append(annotator.load_head.remote(head_learner.head_state.remote(), t + 1))
-        phase["head"] = time.perf_counter() - tick
-        # 8. metrics; logged when the head update and evaluation are done (next step or the end)
-        gold = (
-            torch.tensor(gold_rewards([m[-1]["content"] for m in msgs], samples["text"], cfg.world))
-            if has_gold
-            else None
-        )
-        metrics = {
-            "proxy_reward": float(rewards.mean()),
-            "kl": policy_stats.get("kl", float("nan")),
-            "entropy": policy_stats.get("entropy"),
-            "response_length": n_tokens / len(samples["text"]),
-            "omega": ann.get("omega"),
-            "phase_seconds": phase,
-            "n_tokens": n_tokens,
-            "policy": policy_stats,
+            roles["reward"].append(head_learner)
+        placement = {role: actor_nodes(actors) for role, actors in roles.items()}  # node id of each actor
+        acc_before = ray.get(rm_accuracy_ref(0)) if heldout is not None else None
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
+        history: list[dict[str, Any]] = []
+        unfinished: tuple | None = None  # (t, metrics, head ref, accuracy ref) of the previous step
+        t_start, tokens_total = time.perf_counter(), 0
+        for t in range(T):
+            phase: dict[str, float] = {}
+            tick = time.perf_counter()
+            # 1. generate
+            idx = [order[(t * rl.prompts_per_step + i) % len(order)] for i in range(rl.prompts_per_step)]
+            rows = prompts.select(idx)
+            samples = generate(rollouts, rows["prompt_input_ids"], cfg, t)
+            phase["generate"] = time.perf_counter() - tick
+            if unfinished is not None:  # the last step's head update and evaluation ran during generate
+                finish_step(*unfinished)
+                unfinished = None
+            tick = time.perf_counter()
+            msgs = [rows["prompt_messages"][i] for i in samples["prompt_index"]]
+            batch = sequence_batch(samples["prompt_ids"], samples["response_ids"], pad_id)
+            n_tokens = int(batch["response_mask"].sum())
+            tokens_total += n_tokens
+            # 2. experience: one policy forward (old log-probs + h as refs) ‖ reference log-probs
+            ref_logp_ref = reference.token_logprobs.remote(
+                batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+            )
+            exp = ray.get(learner.experience_async(batch))
+            old_logp = torch.cat([e["old_logp"] for e in exp])
+            hidden_refs = [e["hidden_ref"] for e in exp]
+            ref_logp = ray.get(ref_logp_ref)
+            phase["experience"], tick = time.perf_counter() - tick, time.perf_counter()
+            # 3. annotate (the annotator runs the previous step's load_head first: actor calls keep order)
+            ann = ray.get(
+                annotator.annotate.remote(msgs, samples["text"], hidden_refs if mode == "r2m" else None, t, T)
+            )
+            rewards = ann["rewards"]
+            phase["annotate"], tick = time.perf_counter() - tick, time.perf_counter()
+            if ann["nonfinite"]:  # nothing is learned from this batch: no policy, head or weight update
+                skip_step(
+                    t,
+                    "nonfinite_rewards",
+                    f"{ann['nonfinite']}/{len(rewards)} rewards are NaN/inf (rows {ann['nonfinite_rows']})",
+                    phase,
+                )
+                continue
+            # 4-5. advantages and k policy epochs (the last refreshes h → h')
+            batch.update(advantages=advantages(rewards, K, rl.policy.algo), old_logp=old_logp, ref_logp=ref_logp)
+            per_rank = ray.get(learner.train_async(batch, rl.policy.epochs))
+            new_hidden_refs = [s.pop("hidden_ref") for s in per_rank]
+            policy_stats = PolicyLearnerGroup.reduce_metrics(per_rank)
+            phase["policy"], tick = time.perf_counter() - tick, time.perf_counter()
+            skipped["nonfinite_loss_microbatches"] += policy_stats.get("nonfinite_skipped", 0)
+            if "loss" not in policy_stats:  # every micro-batch was skipped: the weights did not move
+                skip_step(t, "nonfinite_loss", "every policy micro-batch had a NaN/inf loss", phase)
+                continue
+            nonfinite_in_a_row = 0
+            # 6. sync: policy weights to every engine
+            if rl.rollout.weight_sync == "collective":
+                learner.send_weights(t + 1)  # rank 0 → every engine, one broadcast
+            else:
+                weights_ref = learner.state_dict_ref()
+                ray.get([r.update_weights.remote(weights_ref, t + 1) for r in rollouts])
+            phase["sync"], tick = time.perf_counter() - tick, time.perf_counter()
+            # 7. GREBT head update on h', winners/losers from the annotation-time rewards. Not
+            # awaited: it runs while the next step generates; the annotator loads the new head
+            # before it annotates again (actor calls keep their order). Its wait, if any, is
+            # counted as "head" time when the next step collects it.
+            head_refs = []
+            if head_learner is not None:
+                winner, loser = self_labelled_pairs(rewards.view(-1, K))
+                head_refs.append(head_learner.update.remote(ann["rte"], new_hidden_refs, K, winner, loser, t, T))
+                head_refs.append(annotator.load_head.remote(head_learner.head_state.remote(), t + 1))
+            phase["head"] = time.perf_counter() - tick
+            # 8. metrics; logged when the head update and evaluation are done (next step or the end)
+            gold = (
+                torch.tensor(gold_rewards([m[-1]["content"] for m in msgs], samples["text"], cfg.world))
+                if has_gold
+                else None
+            )
+            metrics = {
+                "proxy_reward": float(rewards.mean()),
+                "kl": policy_stats.get("kl", float("nan")),
+                "entropy": policy_stats.get("entropy"),
+                "response_length": n_tokens / len(samples["text"]),
+                "omega": ann.get("omega"),
+                "phase_seconds": phase,
+                "n_tokens": n_tokens,
+                "policy": policy_stats,
+            }
+            if gold is not None:
+                metrics["gold_reward"] = float(gold.mean())
+                metrics["proxy_gold_gap"] = metrics["proxy_reward"] - metrics["gold_reward"]
+            evaluate = (t + 1) % rl.eval_every == 0 or t + 1 == T
+            unfinished = (t, metrics, head_refs, rm_accuracy_ref(t + 1) if evaluate else None)
+        if unfinished is not None:
+            finish_step(*unfinished)
+        if not history:
+            raise FloatingPointError(f"rl stage: every one of the {T} steps was skipped ({skipped})")
+        elapsed = time.perf_counter() - t_start
+        steps = [h["step"] for h in history]  # skipped steps have no metrics to plot
+        if has_gold:
+            plot_curve(
+                steps,
+                {"proxy": [h["proxy_reward"] for h in history], "gold": [h["gold_reward"] for h in history]},
+                run.path / "plots" / "rl_gold_vs_proxy_step.png",
+                "gold vs proxy reward",
+                "RL step",
+            )
+            plot_curve(
+                [h["kl"] for h in history],
+                {"proxy": [h["proxy_reward"] for h in history], "gold": [h["gold_reward"] for h in history]},
+                run.path / "plots" / "rl_gold_vs_proxy_kl.png",
+                "gold vs proxy reward",
+                "KL to reference",
+            )
+        learner.save(run.path / "checkpoints" / "policy", tokenizer_dir=policy_dir)
+        summary = {
+            "mode": mode,
+            "algo": rl.policy.algo,
+            "steps": T,
+            "gold_reward": {"initial": history[0].get("gold_reward"), "final": history[-1].get("gold_reward")},
+            "proxy_reward": {"initial": history[0]["proxy_reward"], "final": history[-1]["proxy_reward"]},
+            "kl": {"final": history[-1]["kl"]},
+            "rm_accuracy": {"before": acc_before, "after": history[-1]["rm_accuracy"]},
+            "tokens_per_second": tokens_total / elapsed,
+            "phase_seconds": {p: sum(h["phase_seconds"][p] for h in history) for p in PHASES},
+            "seconds": elapsed,
+            "startup_seconds": startup_seconds,
+            "skipped": skipped,
+            "placement": placement,
         }
-        if gold is not None:
-            metrics["gold_reward"] = float(gold.mean())
-            metrics["proxy_gold_gap"] = metrics["proxy_reward"] - metrics["gold_reward"]
-        evaluate = (t + 1) % rl.eval_every == 0 or t + 1 == T
-        unfinished = (t, metrics, head_refs, rm_accuracy_ref(t + 1) if evaluate else None)
-    finish_step(*unfinished)
-    elapsed = time.perf_counter() - t_start
-    steps = list(range(1, T + 1))
-    if has_gold:
-        plot_curve(
-            steps,
-            {"proxy": [h["proxy_reward"] for h in history], "gold": [h["gold_reward"] for h in history]},
-            run.path / "plots" / "rl_gold_vs_proxy_step.png",
-            "gold vs proxy reward",
-            "RL step",
-        )
-        plot_curve(
-            [h["kl"] for h in history],
-            {"proxy": [h["proxy_reward"] for h in history], "gold": [h["gold_reward"] for h in history]},
-            run.path / "plots" / "rl_gold_vs_proxy_kl.png",
-            "gold vs proxy reward",
-            "KL to reference",
-        )
-    learner.save(run.path / "checkpoints" / "policy", tokenizer_dir=policy_dir)
-    summary = {
-        "mode": mode,
-        "algo": rl.policy.algo,
-        "steps": T,
-        "gold_reward": {"initial": history[0].get("gold_reward"), "final": history[-1].get("gold_reward")},
-        "proxy_reward": {"initial": history[0]["proxy_reward"], "final": history[-1]["proxy_reward"]},
-        "kl": {"final": history[-1]["kl"]},
-        "rm_accuracy": {"before": acc_before, "after": history[-1]["rm_accuracy"]},
-        "tokens_per_second": tokens_total / elapsed,
-        "phase_seconds": {p: sum(h["phase_seconds"][p] for h in history) for p in PHASES},
-        "seconds": elapsed,
-        "startup_seconds": startup_seconds,
-    }
-    run.update_summary("rl", summary)
-    for actor in rollouts + [reference, annotator] + ([head_learner] if head_learner else []):
-        ray.kill(actor)
-    learner.shutdown()
+        run.update_summary("rl", summary)
+    finally:
+        for actor in [*rollouts, reference, annotator, head_learner]:
+            if actor is not None:
+                ray.kill(actor)
+        if learner is not None:
+            learner.shutdown()
+        plan.remove()
     return summary

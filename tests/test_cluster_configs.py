@@ -1,0 +1,558 @@
+"""Shipped cluster configs: Ray's own launcher schema, the security rules, KubeRay structure, GPU recipes.
+
+No cluster is started. Each rule is a function returning a list of problems, and every rule has a
+negative test that mutates a shipped config and expects the problem to be reported.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from r2m_ray.config import RunConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHERS = sorted((ROOT / "cluster").glob("*.yaml"))
+KUBERAY = sorted((ROOT / "cluster" / "kuberay").glob("*.yaml"))
+GPU_JOBS = sorted((ROOT / "jobs").glob("gpu_*.yaml"))
+
+TOKEN_SECRET = "r2m-ray-auth-token"
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+DASHBOARD_PORT, CLIENT_PORT = 8265, 10001
+ROLES = ("rollout", "learner")
+
+# The paper's settings per recipe (Huang et al., R2M): K, prompts/step, Ω, α, d_attn, R2M head lr.
+PAPER = {
+    "gpu_llama3_8b_r2m.yaml": {"K": 8, "n": 64, "omega": 0.6, "alpha": 0.3, "d_attn": 2048, "lr": 1e-6},
+    "gpu_tldr_r2m.yaml": {"K": 4, "n": 64, "omega": 0.6, "alpha": 0.3, "d_attn": 2048, "lr": 5e-7},
+}
+
+
+def _strings(node: Any, where: str = "") -> Iterator[tuple[str, str]]:
+    """Every string in a parsed YAML tree (keys too), with its dotted location."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _strings(key, f"{where}.<key>")
+            yield from _strings(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _strings(value, f"{where}[{i}]")
+    elif isinstance(node, str):
+        yield where.lstrip("."), node
+
+
+# ---------------------------------------------------------------- cluster launcher (ray up)
+
+
+def _prepare(raw: dict) -> dict:
+    """Ray's own preprocessing: merge the provider's defaults.yaml, setup commands, node min/max."""
+    from ray.autoscaler._private.util import prepare_config
+
+    return prepare_config(copy.deepcopy(raw))
+
+
+def _validate(cfg: dict) -> None:
+    from ray.autoscaler._private.util import validate_config
+
+    validate_config(copy.deepcopy(cfg))
+
+
+def _dashboard_host(command: str) -> str | None:
+    match = re.search(r"--dashboard-host[= ]+['\"]?([^\s'\";]+)", command)
+    return match.group(1) if match else None
+
+
+def _token_mode_before_start(command: str) -> bool:
+    """RAY_AUTH_MODE=token is set (export or env prefix) before `ray start` in the same command."""
+    mode = re.search(r"\bRAY_AUTH_MODE=token\b", command)
+    start = re.search(r"\bray start\b", command)
+    return bool(mode and start and mode.start() < start.start())
+
+
+def launcher_problems(cfg: dict) -> list[str]:
+    """Security rules for a `ray up` config (raw or after prepare_config)."""
+    problems = [f"{where}: 0.0.0.0 binds every interface" for where, s in _strings(cfg) if "0.0.0.0" in s]
+    problems += [f"{where}: token auth disabled" for where, s in _strings(cfg) if "RAY_AUTH_MODE=disabled" in s]
+    heads = [c for c in cfg.get("head_start_ray_commands", []) if re.search(r"\bray start\b", c)]
+    workers = [c for c in cfg.get("worker_start_ray_commands", []) if re.search(r"\bray start\b", c)]
+    if not any("--head" in c for c in heads):
+        problems.append("head_start_ray_commands: no `ray start --head`")
+    if not workers:
+        problems.append("worker_start_ray_commands: no `ray start`")
+    for c in heads:
+        host = _dashboard_host(c)
+        if host is None:
+            problems.append("head start: no --dashboard-host; want it explicit and on loopback (127.0.0.1)")
+        elif host not in LOOPBACK:
+            problems.append(f"head start: --dashboard-host={host}, want loopback (127.0.0.1)")
+    for kind, commands in (("head", heads), ("worker", workers)):
+        problems += [
+            f"{kind} start: RAY_AUTH_MODE=token not set before `ray start`: {c!r}"
+            for c in commands
+            if not _token_mode_before_start(c)
+        ]
+    mounts = cfg.get("file_mounts") or {}
+    token_mounted = any(remote.rstrip("/").endswith(".ray/auth_token") for remote in mounts)
+    token_in_env = any("RAY_AUTH_TOKEN" in c for c in heads + workers)
+    if not (token_mounted or token_in_env):
+        problems.append("the token never reaches the nodes: mount ~/.ray/auth_token or set RAY_AUTH_TOKEN(_PATH)")
+    setup = [
+        c for key in ("setup_commands", "head_setup_commands", "worker_setup_commands") for c in cfg.get(key) or []
+    ]
+    if not any(re.search(r"pip install -e\s+\S*r2m-ray\[gpu\]", c) for c in setup):
+        problems.append("setup commands never `pip install -e` this package with the gpu extra")
+    if not any("torch==2.13.0" in c for c in setup):
+        problems.append("setup commands never pin torch==2.13.0")
+    for rule in cfg.get("provider", {}).get("security_group", {}).get("IpPermissions", []):
+        lo, hi = rule.get("FromPort", -1), rule.get("ToPort", -1)
+        for port in (DASHBOARD_PORT, CLIENT_PORT):
+            if lo == -1 or lo <= port <= hi:
+                problems.append(f"security_group opens port {port} ({rule})")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def launchers() -> dict[str, dict]:
+    return {p.name: yaml.safe_load(p.read_text()) for p in LAUNCHERS}
+
+
+def test_launcher_files_present():
+    assert {p.name for p in LAUNCHERS} == {"aws-gpu.yaml", "gcp-gpu.yaml"}
+
+
+@pytest.mark.parametrize("name", ["aws-gpu.yaml", "gcp-gpu.yaml"])
+def test_launcher_passes_ray_schema(launchers, name):
+    raw = launchers[name]
+    _validate(raw)  # as written
+    prepared = _prepare(raw)  # as `ray up` sees it, provider defaults merged in
+    _validate(prepared)
+    assert prepared["provider"]["type"] == name.split("-")[0]
+    types = prepared["available_node_types"]
+    assert prepared["head_node_type"] in types
+    assert types[prepared["head_node_type"]]["resources"].get("GPU", 0) == 0
+    for role in ROLES:
+        (node,) = [t for t in types.values() if role in t["resources"]]
+        assert node["resources"]["GPU"] > 0 and node["resources"][role] > 0
+        assert 1 <= node["min_workers"] <= node["max_workers"] <= prepared["max_workers"]
+
+
+def test_launcher_schema_rejects_bad_config(launchers):
+    bad = copy.deepcopy(launchers["aws-gpu.yaml"])
+    bad["dashboard_host"] = "127.0.0.1"  # not a launcher key
+    with pytest.raises(jsonschema.ValidationError):
+        _validate(bad)
+    bad = copy.deepcopy(launchers["aws-gpu.yaml"])
+    bad["available_node_types"]["r2m.rollout"]["resources"]["GPU"] = 0.5  # resources are integers
+    with pytest.raises(jsonschema.ValidationError):
+        _validate(bad)
+
+
+@pytest.mark.parametrize("name", ["aws-gpu.yaml", "gcp-gpu.yaml"])
+def test_launcher_security(launchers, name):
+    raw = launchers[name]
+    assert launcher_problems(raw) == []
+    # Ray merges its provider defaults into missing keys; they must not bring anything back.
+    assert launcher_problems(_prepare(raw)) == []
+
+
+def test_aws_specifics(launchers):
+    aws = launchers["aws-gpu.yaml"]
+    assert aws["provider"]["region"] == "us-west-2"
+    assert aws["provider"]["security_group"]["IpPermissions"] == []
+    for node in aws["available_node_types"].values():
+        assert node["node_config"]["InstanceType"]
+
+
+def test_gcp_specifics(launchers):
+    gcp = launchers["gcp-gpu.yaml"]
+    assert "REPLACE_ME" in gcp["provider"]["project_id"]
+    for name, node in gcp["available_node_types"].items():
+        if node["resources"].get("GPU", 0):
+            conf = node["node_config"]
+            (accel,) = conf["guestAccelerators"]
+            assert accel["acceleratorCount"] == node["resources"]["GPU"], name
+            assert conf["scheduling"]["onHostMaintenance"] == "TERMINATE", name
+
+
+def _set_head_start(cfg: dict, command: str) -> dict:
+    cfg = copy.deepcopy(cfg)
+    cfg["head_start_ray_commands"] = ["ray stop", command]
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (
+            lambda c: _set_head_start(c, "export RAY_AUTH_MODE=token; ray start --head --dashboard-host=0.0.0.0"),
+            "--dashboard-host=0.0.0.0, want loopback",
+        ),
+        (lambda c: _set_head_start(c, "export RAY_AUTH_MODE=token; ray start --head"), "no --dashboard-host"),
+        (lambda c: _set_head_start(c, "ray start --head --dashboard-host=127.0.0.1"), "head start: RAY_AUTH_MODE"),
+        (
+            lambda c: {**c, "worker_start_ray_commands": ["ray start --address=$RAY_HEAD_IP:6379"]},
+            "worker start: RAY_AUTH_MODE",
+        ),
+        (
+            lambda c: _set_head_start(c, "export RAY_AUTH_MODE=disabled; ray start --head --dashboard-host=127.0.0.1"),
+            "token auth disabled",
+        ),
+        (lambda c: {**c, "file_mounts": {"~/r2m-ray": "."}}, "token never reaches"),
+        (lambda c: {**c, "setup_commands": ["pip install torch==2.13.0"]}, "pip install -e"),
+        (
+            lambda c: {
+                **c,
+                "provider": {
+                    **c["provider"],
+                    "security_group": {"IpPermissions": [{"FromPort": 8265, "ToPort": 8265, "IpProtocol": "tcp"}]},
+                },
+            },
+            "opens port 8265",
+        ),
+    ],
+    ids=[
+        "public-dashboard",
+        "no-dashboard-host",
+        "head-no-token",
+        "worker-no-token",
+        "auth-disabled",
+        "no-token-mount",
+        "no-install",
+        "open-8265",
+    ],
+)
+def test_launcher_checker_flags_mutations(launchers, mutate, expected):
+    problems = launcher_problems(mutate(copy.deepcopy(launchers["aws-gpu.yaml"])))
+    assert any(expected in p for p in problems), problems
+
+
+@pytest.mark.parametrize("name", ["aws-gpu.yaml", "gcp-gpu.yaml"])
+def test_dropping_start_commands_lets_ray_defaults_in(launchers, name):
+    """Why the configs spell out every command list: Ray's defaults would open the dashboard."""
+    raw = copy.deepcopy(launchers[name])
+    del raw["head_start_ray_commands"]
+    assert any("0.0.0.0" in p for p in launcher_problems(_prepare(raw)))
+
+
+# ---------------------------------------------------------------- KubeRay manifests
+
+
+def _ray_object(docs: list[dict]) -> dict:
+    (obj,) = [d for d in docs if d.get("apiVersion") == "ray.io/v1"]
+    return obj
+
+
+def _cluster_spec(obj: dict) -> dict:
+    return obj["spec"]["rayClusterSpec"] if obj["kind"] == "RayJob" else obj["spec"]
+
+
+def _env_problems(env: list[dict], where: str) -> list[str]:
+    by_name = {e["name"]: e for e in env or []}
+    problems = []
+    if by_name.get("RAY_AUTH_MODE", {}).get("value") != "token":
+        problems.append(f"{where}: RAY_AUTH_MODE is not token")
+    token = by_name.get("RAY_AUTH_TOKEN", {})
+    ref = token.get("valueFrom", {}).get("secretKeyRef", {})
+    if "value" in token or ref.get("name") != TOKEN_SECRET or not ref.get("key"):
+        problems.append(f"{where}: RAY_AUTH_TOKEN must come from the Secret {TOKEN_SECRET} (secretKeyRef)")
+    return problems
+
+
+def _labels_match(selector: dict, labels: dict) -> bool:
+    wanted = selector.get("matchLabels", {})
+    return bool(wanted) and all(labels.get(k) == v for k, v in wanted.items())
+
+
+def _policy_problems(docs: list[dict], pod_labels: dict) -> list[str]:
+    """The dashboard is on the pod network: a NetworkPolicy must fence it to named pods."""
+    policies = [
+        d
+        for d in docs
+        if d.get("kind") == "NetworkPolicy"
+        and "Ingress" in d["spec"].get("policyTypes", [])
+        and _labels_match(d["spec"].get("podSelector", {}), pod_labels)
+    ]
+    if not policies:
+        return ["dashboard on the pod network but no NetworkPolicy selects the head pod"]
+    problems = []
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            peers = rule.get("from") or []
+            if not peers:
+                problems.append(f"{policy['metadata']['name']}: an ingress rule admits every source")
+            for peer in peers:
+                if "ipBlock" in peer:
+                    problems.append(f"{policy['metadata']['name']}: ipBlock {peer['ipBlock']}")
+                elif not peer.get("podSelector", {}).get("matchLabels"):
+                    problems.append(f"{policy['metadata']['name']}: a peer without pod labels admits whole namespaces")
+    return problems
+
+
+def kuberay_problems(docs: list[dict]) -> list[str]:
+    """Security and structure rules for a RayCluster / RayJob manifest file."""
+    obj = _ray_object(docs)
+    spec = _cluster_spec(obj)
+    head = spec["headGroupSpec"]
+    problems = []
+    services = [head.get("serviceType", "ClusterIP"), (head.get("headService") or {}).get("spec", {}).get("type")]
+    services += [d["spec"].get("type") for d in docs if d.get("kind") == "Service"]
+    problems += [f"service type {t} exposes the head" for t in services if t in ("LoadBalancer", "NodePort")]
+    if head.get("serviceType") != "ClusterIP":
+        problems.append(f"head serviceType {head.get('serviceType')!r}, want ClusterIP")
+    if head.get("enableIngress"):
+        problems.append("enableIngress exposes the dashboard")
+    host = head["rayStartParams"].get("dashboard-host")
+    pod_labels = head["template"].get("metadata", {}).get("labels", {})
+    if host not in LOOPBACK:
+        # Only a RayJob needs the operator to reach the dashboard; then the pod network must be fenced.
+        if obj["kind"] != "RayJob" or host != "0.0.0.0":
+            problems.append(f"dashboard-host {host!r}: want 127.0.0.1")
+        else:
+            if (spec.get("authOptions") or {}).get("mode") != "token":
+                problems.append("dashboard on the pod network needs authOptions.mode token (the operator's token)")
+            problems += _policy_problems(docs, pod_labels)
+    problems += [
+        f"{where}: 0.0.0.0"
+        for where, s in _strings(docs)
+        if "0.0.0.0" in s and not where.endswith("headGroupSpec.rayStartParams.dashboard-host")
+    ]
+    groups = [("head", head)] + [(g["groupName"], g) for g in spec.get("workerGroupSpecs", [])]
+    for name, group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            problems += _env_problems(container.get("env"), f"{name}/{container['name']}")
+    if spec.get("enableInTreeAutoscaling"):
+        problems += _env_problems((spec.get("autoscalerOptions") or {}).get("env"), "autoscaler")
+    for name, group in groups[1:]:
+        lo, n, hi = group.get("minReplicas"), group.get("replicas"), group.get("maxReplicas")
+        if None in (lo, n, hi) or not lo <= n <= hi:
+            problems.append(f"{name}: want minReplicas <= replicas <= maxReplicas, got {lo}, {n}, {hi}")
+        (worker,) = group["template"]["spec"]["containers"]
+        gpus = int(worker.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+        if name in ROLES and gpus < 1:
+            problems.append(f"{name}: no nvidia.com/gpu limit")
+        custom = group["rayStartParams"].get("resources")
+        if name in ROLES and (not custom or json.loads(json.loads(custom)).get(name, 0) < 1):
+            problems.append(f"{name}: no custom resource {name!r} in rayStartParams")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def manifests() -> dict[str, list[dict]]:
+    return {p.name: [d for d in yaml.safe_load_all(p.read_text()) if d] for p in KUBERAY}
+
+
+def test_kuberay_files_present(manifests):
+    assert set(manifests) == {"raycluster.yaml", "rayjob.yaml"}
+    assert _ray_object(manifests["raycluster.yaml"])["kind"] == "RayCluster"
+    assert _ray_object(manifests["rayjob.yaml"])["kind"] == "RayJob"
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def test_kuberay_manifest_rules(manifests, name):
+    assert kuberay_problems(manifests[name]) == []
+
+
+def test_raycluster_dashboard_on_loopback(manifests):
+    head = _cluster_spec(_ray_object(manifests["raycluster.yaml"]))["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+
+
+def test_rayjob_runs_a_gpu_recipe(manifests):
+    job = _ray_object(manifests["rayjob.yaml"])["spec"]
+    assert job["shutdownAfterJobFinishes"] is True
+    match = re.fullmatch(r"r2m-ray run (jobs/gpu_\S+\.yaml)", job["entrypoint"])
+    assert match, job["entrypoint"]
+    load_config(ROOT / match.group(1))
+    runtime_env = yaml.safe_load(job["runtimeEnvYAML"])
+    assert runtime_env["working_dir"] and runtime_env["env_vars"]["HF_HUB_OFFLINE"] == "1"
+    assert _cluster_spec(_ray_object(manifests["rayjob.yaml"]))["authOptions"]["secretName"] == TOKEN_SECRET
+
+
+def _group(docs: list[dict], name: str) -> dict:
+    spec = _cluster_spec(_ray_object(docs))
+    return (
+        spec["headGroupSpec"] if name == "head" else next(g for g in spec["workerGroupSpecs"] if g["groupName"] == name)
+    )
+
+
+def _mutated(docs: list[dict], change) -> list[dict]:
+    docs = copy.deepcopy(docs)
+    change(docs)
+    return docs
+
+
+@pytest.mark.parametrize(
+    "name, change, expected",
+    [
+        ("raycluster.yaml", lambda d: _group(d, "head").update(serviceType="LoadBalancer"), "LoadBalancer"),
+        ("rayjob.yaml", lambda d: _group(d, "head").update(serviceType="NodePort"), "NodePort"),
+        (
+            "raycluster.yaml",
+            lambda d: _group(d, "head")["rayStartParams"].update({"dashboard-host": "0.0.0.0"}),
+            "dashboard-host '0.0.0.0'",
+        ),
+        ("rayjob.yaml", lambda d: d.pop(), "no NetworkPolicy"),
+        ("rayjob.yaml", lambda d: _cluster_spec(_ray_object(d)).pop("authOptions"), "authOptions"),
+        (
+            "rayjob.yaml",
+            lambda d: d[-1]["spec"]["ingress"].append({"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}),
+            "ipBlock",
+        ),
+        (
+            "raycluster.yaml",
+            lambda d: _group(d, "learner")["template"]["spec"]["containers"][0]["env"].__setitem__(
+                1, {"name": "RAY_AUTH_TOKEN", "value": "hard-coded"}
+            ),
+            "learner/ray-worker: RAY_AUTH_TOKEN",
+        ),
+        (
+            "raycluster.yaml",
+            lambda d: _group(d, "head")["template"]["spec"]["containers"][0]["env"].pop(0),
+            "head/ray-head: RAY_AUTH_MODE",
+        ),
+        (
+            "raycluster.yaml",
+            lambda d: _cluster_spec(_ray_object(d))["autoscalerOptions"].pop("env"),
+            "autoscaler: RAY_AUTH_MODE",
+        ),
+        (
+            "raycluster.yaml",
+            lambda d: _group(d, "rollout")["template"]["spec"]["containers"][0]["resources"]["limits"].pop(
+                "nvidia.com/gpu"
+            ),
+            "rollout: no nvidia.com/gpu",
+        ),
+        ("rayjob.yaml", lambda d: _group(d, "learner").update(minReplicas=2), "minReplicas <= replicas"),
+        ("raycluster.yaml", lambda d: _group(d, "rollout")["rayStartParams"].pop("resources"), "custom resource"),
+    ],
+    ids=[
+        "lb",
+        "nodeport",
+        "cluster-public-dashboard",
+        "job-no-policy",
+        "job-no-authoptions",
+        "policy-ipblock",
+        "literal-token",
+        "no-auth-mode",
+        "autoscaler-no-token",
+        "no-gpu-limit",
+        "replicas-order",
+        "no-custom-res",
+    ],
+)
+def test_kuberay_checker_flags_mutations(manifests, name, change, expected):
+    problems = kuberay_problems(_mutated(manifests[name], change))
+    assert any(expected in p for p in problems), problems
+
+
+# ---------------------------------------------------------------- GPU job recipes
+
+
+def paper_problems(cfg: RunConfig, paper: dict) -> list[str]:
+    """The recipe keeps the paper's settings and runs on GPUs."""
+    rl = cfg.rl
+    got = {
+        "K": rl.rollout.samples_per_prompt,
+        "n": rl.prompts_per_step,
+        "omega": rl.reward.r2m.omega_floor,
+        "alpha": rl.reward.r2m.loss.alpha,
+        "d_attn": rl.reward.r2m.d_attn,
+        "lr": rl.reward.r2m.lr,
+    }
+    problems = [f"{k}={got[k]}, paper {v}" for k, v in paper.items() if got[k] != pytest.approx(v)]
+    if "rl" not in cfg.stages or rl.reward.mode != "r2m":
+        problems.append("not an R2M RL run")
+    if rl.rollout.backend != "vllm" or rl.rollout.weight_sync != "collective" or rl.rollout.num_gpus_per_actor <= 0:
+        problems.append("rollout: want vllm engines on GPUs with collective weight sync")
+    if rl.policy.zero_stage != 3 or rl.policy.num_gpus_per_rank < 1:
+        problems.append("policy: want ZeRO-3 ranks with a GPU each")
+    if cfg.model.preset != "path" or not rl.policy_checkpoint:
+        problems.append("models must be local directories (model.preset=path, rl.policy_checkpoint)")
+    return problems
+
+
+def gpus_by_role_launcher(cfg: dict) -> dict[str, int]:
+    """GPUs that exist when a job starts: per-node GPUs × min_workers of the node type with the role."""
+    out = {}
+    for node in cfg["available_node_types"].values():
+        for role in ROLES:
+            if role in node["resources"]:
+                out[role] = node["resources"]["GPU"] * node.get("min_workers", 0)
+    return out
+
+
+def gpus_by_role_kuberay(docs: list[dict]) -> dict[str, int]:
+    out = {}
+    for role in ROLES:
+        group = _group(docs, role)
+        (worker,) = group["template"]["spec"]["containers"]
+        out[role] = int(worker["resources"]["limits"]["nvidia.com/gpu"]) * group["minReplicas"]
+    return out
+
+
+def fit_problems(cfg: RunConfig, gpus: dict[str, int]) -> list[str]:
+    """rl_stage checks resources at start (no waiting for autoscaling): the recipe must fit the minimum."""
+    need = {
+        "rollout": cfg.rl.rollout.num_actors * cfg.rl.rollout.num_gpus_per_actor,
+        "learner": max(
+            cfg.rl.policy.ranks * cfg.rl.policy.num_gpus_per_rank,
+            cfg.rm.deepspeed.ranks * cfg.rm.deepspeed.num_gpus_per_rank,
+        ),
+    }
+    return [
+        f"{role}: needs {need[role]:g} GPUs, has {gpus.get(role, 0)}"
+        for role in ROLES
+        if need[role] > gpus.get(role, 0)
+    ]
+
+
+def test_recipe_table_covers_every_gpu_job():
+    assert {p.name for p in GPU_JOBS} == set(PAPER)
+
+
+@pytest.mark.parametrize("path", GPU_JOBS, ids=lambda p: p.name)
+def test_gpu_recipe_loads_with_paper_settings(path):
+    cfg = load_config(path)
+    assert paper_problems(cfg, PAPER[path.name]) == []
+
+
+@pytest.mark.parametrize("path", GPU_JOBS, ids=lambda p: p.name)
+def test_gpu_recipe_fits_every_shipped_cluster(path, launchers, manifests):
+    cfg = load_config(path)
+    for name, launcher in launchers.items():
+        assert fit_problems(cfg, gpus_by_role_launcher(launcher)) == [], name
+    for name, docs in manifests.items():
+        assert fit_problems(cfg, gpus_by_role_kuberay(docs)) == [], name
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("rl.reward.r2m.d_attn=128", "d_attn=128"),
+        ("rl.rollout.samples_per_prompt=2", "K=2"),
+        ("rl.reward.r2m.omega_floor=0.7", "omega=0.7"),
+        ("rl.reward.r2m.loss.alpha=0.5", "alpha=0.5"),
+        ("rl.prompts_per_step=16", "n=16"),
+        ("rl.reward.r2m.lr=1e-4", "lr=0.0001"),
+        ("rl.rollout.num_gpus_per_actor=0", "rollout: want vllm"),
+        ("rl.rollout.weight_sync=object_store", "rollout: want vllm"),
+        ("rl.policy.zero_stage=2", "policy: want ZeRO-3"),
+    ],
+)
+def test_paper_checker_flags_overrides(override, expected):
+    path = ROOT / "jobs" / "gpu_llama3_8b_r2m.yaml"
+    problems = paper_problems(load_config(path, [override]), PAPER[path.name])
+    assert any(expected in p for p in problems), problems
+
+
+def test_fit_checker_flags_too_many_engines(launchers):
+    cfg = load_config(ROOT / "jobs" / "gpu_llama3_8b_r2m.yaml", ["rl.rollout.num_actors=8"])
+    assert any(p.startswith("rollout:") for p in fit_problems(cfg, gpus_by_role_launcher(launchers["aws-gpu.yaml"])))
