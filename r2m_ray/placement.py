@@ -107,3 +107,14 @@ class PlacementPlan:
 def actor_nodes(actors: list[Any]) -> list[str]:
     """The node id each actor runs on (for summary.json and the placement tests)."""
     return ray.get([a.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()) for a in actors])
+
+
+def actor_processes(actors: list[Any]) -> list[dict[str, Any]]:
+    """Node id and pid of each actor (written to the run dir's actors.json)."""
+
+    def where(self: Any) -> dict[str, Any]:
+        import os
+
+        return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+    return ray.get([a.__ray_call__.remote(where) for a in actors])

@@ -39,6 +39,9 @@ class RolloutConfig(Section):
     # object_store: the learner puts the state dict once, every engine reloads from it;
     # collective: learner rank 0 broadcasts into the engines' workers (NCCL on GPU, gloo on CPU)
     weight_sync: Literal["object_store", "collective"] = "object_store"
+    # a dead engine is restarted by Ray up to this many times; the driver restores its weights and
+    # re-sends the chunk it was generating (object_store sync only)
+    max_restarts: int = Field(default=2, ge=0)
 
     @model_validator(mode="after")
     def _collective_needs_vllm(self) -> RolloutConfig:
@@ -100,6 +103,7 @@ class RewardConfig(Section):
     num_annotators: int = Field(default=1, ge=1)
     num_cpus_per_annotator: float = Field(default=1.0, gt=0)
     num_cpus_per_head_learner: float = Field(default=0.0, ge=0)  # 0 = shares (it runs between the others)
+    max_restarts: int = Field(default=2, ge=0)  # Ray restarts a dead annotator; the driver restores its head
     r2m: R2MConfig = R2MConfig()
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,10 @@ class RewardAnnotator:
         self.head.load_head_state(state_dict)
         self.version = int(version)
         return self.version
+
+    def ping(self) -> dict[str, int]:
+        """Health check (the driver waits on it after a restart; a new pid = a new incarnation)."""
+        return {"head_version": self.version, "pid": os.getpid()}
 
     def head_version(self) -> int:
         """The version of the head weights in use (0 = the RM's own φ + the seeded cross-attention)."""

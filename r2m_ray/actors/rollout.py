@@ -368,4 +368,9 @@ class RolloutActor:
 
     def ping(self) -> dict[str, Any]:
         """Health check: backend, weights version, seconds the engine took to start."""
-        return {"backend": self.cfg.backend, "weights_version": self.version, "init_seconds": self.init_seconds}
+        return {
+            "backend": self.cfg.backend,
+            "weights_version": self.version,
+            "init_seconds": self.init_seconds,
+            "pid": os.getpid(),  # a new pid after a call failed = Ray restarted this actor
+        }

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from r2m_ray.data.tokenize import load_prompts, tokenize_prompts
 from r2m_ray.eval.plots import plot_curve
 from r2m_ray.models.registry import load_tokenizer
 from r2m_ray.pipelines.preflight import preflight_rl
-from r2m_ray.placement import PlacementPlan, actor_nodes
+from r2m_ray.placement import PlacementPlan, actor_nodes, actor_processes
 from r2m_ray.ray_setup import check_resources
 from r2m_ray.rundir import RunDir
 from r2m_ray.world import gold_rewards
@@ -49,30 +50,64 @@ log = logging.getLogger(__name__)
 PHASES = ("generate", "experience", "annotate", "policy", "sync", "head")
 
 
-def generate(rollouts: list, prompt_ids: list[list[int]], cfg: RunConfig, step: int) -> dict[str, list]:
-    """Spread prompts over the rollout actors; collect as each finishes (ray.wait); prompt order kept."""
+ACTOR_LOST = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)
+RESTART_TIMEOUT_S = 600  # a restarted engine reloads its model (and may recompile) before it answers
+
+
+def wait_until_alive(actor: Any, timeout_s: float = RESTART_TIMEOUT_S) -> dict[str, Any]:
+    """Block until a restarting actor answers `ping` (returned); ActorDiedError (restarts used up) propagates."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(actor.ping.remote(), timeout=max(1.0, deadline - time.monotonic()))
+        except ray.exceptions.ActorUnavailableError:  # "the actor is restarting": Ray does not queue calls
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+def generate(
+    rollouts: list,
+    prompt_ids: list[list[int]],
+    cfg: RunConfig,
+    step: int,
+    recover: Callable[[int], None] | None = None,
+) -> dict[str, list]:
+    """Spread prompts over the rollout actors; collect as each finishes (ray.wait); prompt order kept.
+
+    When an engine dies mid-call, `recover(i)` waits for Ray to restart actor i and restores
+    its weights, and the same chunk is sent again with the same seed: the step's samples are
+    the ones it would have had, none lost and none twice.
+    """
     ro = cfg.rl.rollout
     chunks = [list(range(i, len(prompt_ids), len(rollouts))) for i in range(len(rollouts))]
-    pending = {}
-    for actor, idx in zip(rollouts, chunks):
-        if idx:
-            ref = actor.generate.remote(
-                [prompt_ids[i] for i in idx],
-                ro.samples_per_prompt,
-                ro.temperature,
-                ro.top_p,
-                ro.max_new_tokens,
-                cfg.seed * 100_003 + step,
-            )
-            pending[ref] = idx
+
+    def submit(i: int) -> ray.ObjectRef:
+        return rollouts[i].generate.remote(
+            [prompt_ids[j] for j in chunks[i]],
+            ro.samples_per_prompt,
+            ro.temperature,
+            ro.top_p,
+            ro.max_new_tokens,
+            cfg.seed * 100_003 + step,
+        )
+
+    pending = {submit(i): i for i in range(len(rollouts)) if chunks[i]}
     rows: list[tuple[int, int, dict]] = []
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
-        idx = pending.pop(done[0])
-        out = ray.get(done[0])
+        i = pending.pop(done[0])
+        try:
+            out = ray.get(done[0])
+        except ACTOR_LOST:
+            if recover is None:
+                raise
+            recover(i)
+            pending[submit(i)] = i
+            continue
         for j in range(len(out["prompt_index"])):
             row = {k: v[j] for k, v in out.items()}
-            rows.append((idx[row["prompt_index"]], row["sample_index"], row))
+            rows.append((chunks[i][row["prompt_index"]], row["sample_index"], row))
     rows.sort(key=lambda r: (r[0], r[1]))  # groups of K consecutive rows, one group per prompt
     return {k: [r[2][k] if k != "prompt_index" else r[0] for r in rows] for k in rows[0][2]}
 
@@ -130,18 +165,38 @@ def run_rl_stage(
     # by rl.placement (one placement group per role) or, by default, by Ray's scheduler
     plan = PlacementPlan(rl)
     rollouts = [
-        RolloutActor.options(**plan.options("rollout", i)).remote(
+        RolloutActor.options(**plan.options("rollout", i), max_restarts=rl.rollout.max_restarts).remote(
             str(policy_dir), rl.rollout.model_dump_json(), seed + i
         )
         for i in range(rl.rollout.num_actors)
     ]
+    latest: dict[str, Any] = {"ref": None, "version": 0}  # the weights every engine must serve
+    restarts = {"rollout": 0, "annotator": 0}
+    pids: dict[str, list[int]] = {}  # role -> pid of each actor's current incarnation
+    head_loaded = {"version": 0}  # the head version the annotator must hold (0 = its initial head)
+
+    def recover_rollout(i: int) -> None:
+        """Wait for Ray to restart engine i (its __init__ loads the initial weights), then restore the latest."""
+        log.warning("rollout actor %d failed a call; waiting for it to come back", i)
+        if rl.rollout.weight_sync == "collective":
+            raise RuntimeError(
+                "a rollout actor died and rl.rollout.weight_sync=collective cannot re-admit a restarted engine "
+                "into the transfer group yet; use weight_sync=object_store for restartable engines"
+            )
+        pid = wait_until_alive(rollouts[i])["pid"]
+        if pid != pids["rollout"][i]:  # counted once per new incarnation, however many calls failed
+            restarts["rollout"] += 1
+            pids["rollout"][i] = pid
+        if latest["version"] > 0:
+            ray.get(rollouts[i].update_weights.remote(latest["ref"], latest["version"]))
+
     # everything started from here on is stopped in `finally`, also when a step fails
     learner = reference = annotator = head_learner = None
     try:
         learner = PolicyLearnerGroup(rl.policy, policy_dir, seed, lambda r: plan.options("policy", r))
         reference = ReferenceActor.options(**plan.options("reference", 0)).remote(str(policy_dir), pad_id)
         reward_json = rl.reward.model_dump_json()
-        annotator = RewardAnnotator.options(**plan.options("reward", 0)).remote(
+        annotator = RewardAnnotator.options(**plan.options("reward", 0), max_restarts=rl.reward.max_restarts).remote(
             str(rm_ckpt), reward_json, d_policy, cfg.data.max_length, seed
         )
         if mode == "r2m":
@@ -149,6 +204,24 @@ def run_rl_stage(
                 str(rm_ckpt), reward_json, d_policy, seed
             )
         heldout = heldout_pairs(cfg, world_paths, rl.heldout_pairs)
+
+        def recover_annotator() -> None:
+            """Wait for Ray to restart the annotator (frozen RM + initial head), then restore the head."""
+            log.warning("reward annotator failed a call; waiting for it to come back")
+            pid = wait_until_alive(annotator)["pid"]
+            if pid != pids["reward"][0]:
+                restarts["annotator"] += 1
+                pids["reward"][0] = pid
+            if head_learner is not None and head_loaded["version"] > 0:
+                ray.get(annotator.load_head.remote(head_learner.head_state.remote(), head_loaded["version"]))
+
+        def annotator_call(method: str, *args: Any) -> Any:
+            """One annotator call, repeated on the restarted actor if it died (its answers are deterministic)."""
+            while True:
+                try:
+                    return ray.get(getattr(annotator, method).remote(*args))
+                except ACTOR_LOST:
+                    recover_annotator()
 
         def rm_accuracy_ref(t: int) -> ray.ObjectRef | None:
             if heldout is None:
@@ -161,10 +234,18 @@ def run_rl_stage(
             """Log step t once its head update and RM evaluation (left running) are done."""
             tick = time.perf_counter()
             metrics["step"] = t + 1
-            metrics["head"] = ray.get(head_refs)[0] if head_refs else {}  # also raises a failed load_head
+            metrics["head"] = ray.get(head_refs[0]) if head_refs else {}
+            try:
+                ray.get(head_refs[1:])  # the annotator's load_head; raises a failed load
+            except ACTOR_LOST:
+                recover_annotator()  # the restarted annotator gets the latest head
             metrics["phase_seconds"]["head"] += time.perf_counter() - tick
             metrics["tokens_per_second"] = metrics["n_tokens"] / max(sum(metrics["phase_seconds"].values()), 1e-9)
-            metrics["rm_accuracy"] = ray.get(acc_ref) if acc_ref is not None else None
+            try:
+                metrics["rm_accuracy"] = ray.get(acc_ref) if acc_ref is not None else None
+            except ACTOR_LOST:
+                recover_annotator()
+                metrics["rm_accuracy"] = ray.get(rm_accuracy_ref(t + 1))
             history.append(metrics)
             run.log("rl", t + 1, metrics)
             log.info(
@@ -206,6 +287,10 @@ def run_rl_stage(
         if head_learner is not None:
             roles["reward"].append(head_learner)
         placement = {role: actor_nodes(actors) for role, actors in roles.items()}  # node id of each actor
+        # where each actor runs, for operators (and the kill tests): node id and process id
+        processes = {role: actor_processes(actors) for role, actors in roles.items()}
+        pids.update({role: [p["pid"] for p in procs] for role, procs in processes.items()})
+        (run.path / "actors.json").write_text(json.dumps(processes, indent=1) + "\n")
         acc_before = ray.get(rm_accuracy_ref(0)) if heldout is not None else None
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
         history: list[dict[str, Any]] = []
@@ -217,7 +302,7 @@ def run_rl_stage(
             # 1. generate
             idx = [order[(t * rl.prompts_per_step + i) % len(order)] for i in range(rl.prompts_per_step)]
             rows = prompts.select(idx)
-            samples = generate(rollouts, rows["prompt_input_ids"], cfg, t)
+            samples = generate(rollouts, rows["prompt_input_ids"], cfg, t, recover_rollout)
             phase["generate"] = time.perf_counter() - tick
             if unfinished is not None:  # the last step's head update and evaluation ran during generate
                 finish_step(*unfinished)
@@ -237,9 +322,7 @@ def run_rl_stage(
             ref_logp = ray.get(ref_logp_ref)
             phase["experience"], tick = time.perf_counter() - tick, time.perf_counter()
             # 3. annotate (the annotator runs the previous step's load_head first: actor calls keep order)
-            ann = ray.get(
-                annotator.annotate.remote(msgs, samples["text"], hidden_refs if mode == "r2m" else None, t, T)
-            )
+            ann = annotator_call("annotate", msgs, samples["text"], hidden_refs if mode == "r2m" else None, t, T)
             rewards = ann["rewards"]
             phase["annotate"], tick = time.perf_counter() - tick, time.perf_counter()
             if ann["nonfinite"]:  # nothing is learned from this batch: no policy, head or weight update
@@ -265,8 +348,13 @@ def run_rl_stage(
             if rl.rollout.weight_sync == "collective":
                 learner.send_weights(t + 1)  # rank 0 → every engine, one broadcast
             else:
-                weights_ref = learner.state_dict_ref()
-                ray.get([r.update_weights.remote(weights_ref, t + 1) for r in rollouts])
+                latest.update(ref=learner.state_dict_ref(), version=t + 1)
+                syncs = [r.update_weights.remote(latest["ref"], t + 1) for r in rollouts]
+                for i, ref in enumerate(syncs):
+                    try:
+                        ray.get(ref)
+                    except ACTOR_LOST:
+                        recover_rollout(i)  # restores `latest`, i.e. this very sync
             phase["sync"], tick = time.perf_counter() - tick, time.perf_counter()
             # 7. GREBT head update on h', winners/losers from the annotation-time rewards. Not
             # awaited: it runs while the next step generates; the annotator loads the new head
@@ -277,6 +365,7 @@ def run_rl_stage(
                 winner, loser = self_labelled_pairs(rewards.view(-1, K))
                 head_refs.append(head_learner.update.remote(ann["rte"], new_hidden_refs, K, winner, loser, t, T))
                 head_refs.append(annotator.load_head.remote(head_learner.head_state.remote(), t + 1))
+                head_loaded["version"] = t + 1
             phase["head"] = time.perf_counter() - tick
             # 8. metrics; logged when the head update and evaluation are done (next step or the end)
             gold = (
@@ -334,6 +423,7 @@ def run_rl_stage(
             "seconds": elapsed,
             "startup_seconds": startup_seconds,
             "skipped": skipped,
+            "actor_restarts": restarts,
             "placement": placement,
         }
         run.update_summary("rl", summary)
