@@ -91,3 +91,20 @@ def tiny_model_dir(small_cfg):
     from r2m_ray.world import corpus
 
     return prepare_model_dir(small_cfg.model, corpus=lambda: corpus(small_cfg.world))
+
+
+@pytest.fixture(scope="session")
+def launchers() -> dict[str, dict]:
+    """cluster/*.yaml (Ray cluster-launcher configs) by file name, as written."""
+    import yaml
+
+    return {p.name: yaml.safe_load(p.read_text()) for p in sorted((ROOT / "cluster").glob("*.yaml"))}
+
+
+@pytest.fixture(scope="session")
+def manifests() -> dict[str, list[dict]]:
+    """cluster/kuberay/*.yaml by file name: the non-empty YAML documents of each."""
+    import yaml
+
+    paths = sorted((ROOT / "cluster" / "kuberay").glob("*.yaml"))
+    return {p.name: [d for d in yaml.safe_load_all(p.read_text()) if d] for p in paths}
