@@ -24,21 +24,25 @@ def trained(ray_session, tmp_path_factory):
     return tmp, run.path
 
 
-@pytest.mark.parametrize("algo", ["grpo", "rloo"])
-@pytest.mark.parametrize("mode", ["frozen", "r2m"])
-def test_one_rl_run(trained, algo, mode):
-    tmp, base = trained
-    cfg = load_config(
+def rl_config(tmp, base, *overrides: str, rm=None):
+    """The small RL-only config starting from the shared SFT policy and RM (or another RM dir)."""
+    return load_config(
         ROOT / "jobs" / "quickstart.yaml",
         small_overrides(tmp)
         + [
             "stages=[world, rl]",
-            f"rl.policy.algo={algo}",
-            f"rl.reward.mode={mode}",
             f"rl.policy_checkpoint={base / 'checkpoints' / 'sft'}",
-            f"rl.reward.checkpoint={base / 'checkpoints' / 'rm-0'}",
+            f"rl.reward.checkpoint={rm or base / 'checkpoints' / 'rm-0'}",
+            *overrides,
         ],
     )
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+@pytest.mark.parametrize("mode", ["frozen", "r2m"])
+def test_one_rl_run(trained, algo, mode):
+    tmp, base = trained
+    cfg = rl_config(tmp, base, f"rl.policy.algo={algo}", f"rl.reward.mode={mode}")
     run = run_pipeline(cfg, run_dir=tmp / f"{algo}-{mode}")
     s = json.loads((run.path / "summary.json").read_text())["rl"]
     assert s["mode"] == mode and s["algo"] == algo and s["steps"] == 2
@@ -72,18 +76,7 @@ def test_nan_rewards_skip_steps_then_stop_the_run(trained):
     state = load_file(str(weights))
     state = {k: torch.full_like(v, float("nan")) if "embed_tokens" in k else v for k, v in state.items()}
     save_file(state, str(weights))
-    cfg = load_config(
-        ROOT / "jobs" / "quickstart.yaml",
-        small_overrides(tmp)
-        + [
-            "stages=[world, rl]",
-            "rl.steps=3",
-            "rl.max_nonfinite_steps=2",
-            "rl.reward.mode=frozen",
-            f"rl.policy_checkpoint={base / 'checkpoints' / 'sft'}",
-            f"rl.reward.checkpoint={poisoned}",
-        ],
-    )
+    cfg = rl_config(tmp, base, "rl.steps=3", "rl.max_nonfinite_steps=2", "rl.reward.mode=frozen", rm=poisoned)
     with pytest.raises(FloatingPointError, match=r"2 steps in a row .*rl.max_nonfinite_steps=2"):
         run_pipeline(cfg, run_dir=tmp / "nan")
     rows = [json.loads(line) for line in (tmp / "nan" / "metrics.jsonl").read_text().splitlines()]
@@ -99,17 +92,7 @@ def test_killed_engine_and_annotator_restart_and_no_step_is_lost_or_repeated(tra
     import time
 
     tmp, base = trained
-    cfg = load_config(
-        ROOT / "jobs" / "quickstart.yaml",
-        small_overrides(tmp)
-        + [
-            "stages=[world, rl]",
-            "rl.steps=4",
-            "rl.reward.mode=r2m",
-            f"rl.policy_checkpoint={base / 'checkpoints' / 'sft'}",
-            f"rl.reward.checkpoint={base / 'checkpoints' / 'rm-0'}",
-        ],
-    )
+    cfg = rl_config(tmp, base, "rl.steps=4", "rl.reward.mode=r2m")
     run_dir, outcome = tmp / "kill", {}
 
     def target() -> None:

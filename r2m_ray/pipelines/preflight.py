@@ -72,6 +72,7 @@ def check_reward_checkpoint(path: str | Path, key: str) -> Path:
     if not (path / HEAD_FILE).is_file():
         raise FileNotFoundError(f"{key}: {str(path)!r} lacks the value head file {HEAD_FILE}")
     check_model_dir(backbone, f"{key} (backbone)")
+    check_weights_finite(path, key)  # the value head (top-level files only): small, read in full
     return path
 
 
