@@ -41,6 +41,14 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--out", default=None, help="JSON output path (default: bench_<what>.json in the run dir)")
         s.add_argument("args", nargs="*", help="[CONFIG.yaml] [key.sub=value ...]")
         s.add_argument("--run-dir", default=None, help="run directory (default: <output_dir>/<name>-<time>)")
+        if name in ("sft", "rm", "rl", "run"):
+            s.add_argument(
+                "--resume",
+                default=None,
+                metavar="RUN_DIR",
+                help="continue an interrupted run in RUN_DIR: finished stages are skipped, RL continues from its "
+                "newest checkpoint (config: RUN_DIR/config.yaml unless one is given)",
+            )
     return p
 
 
@@ -116,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
             print(result["table"])
             return 0
         config, overrides = _split_args(ns.args)
+        resume = getattr(ns, "resume", None)
+        if resume is not None:
+            if ns.run_dir is not None and Path(ns.run_dir).resolve() != Path(resume).resolve():
+                raise ConfigError("give --resume RUN_DIR or --run-dir, not two different directories")
+            if not Path(resume, "config.yaml").is_file():
+                raise ConfigError(f"--resume {resume}: not a run directory (no config.yaml)")
+            ns.run_dir = resume
+            config = config or str(Path(resume, "config.yaml"))
         cfg = load_config(config, overrides)
         if ns.command == "world":
             from r2m_ray.pipelines.full_run import run_world
@@ -130,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             from r2m_ray.pipelines.full_run import print_summary, run_pipeline
 
             stages = {"sft": ["world", "sft"], "rm": ["rm"], "rl": ["rl"], "run": None}[ns.command]
-            run = run_pipeline(cfg, stages, ns.run_dir)
+            run = run_pipeline(cfg, stages, ns.run_dir, resume=resume is not None)
             print_summary(run.summary)
             return 0
         if ns.command == "eval":
@@ -160,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # an actor that died: say which, not a 60-line Ray traceback
         import ray
 
+        from r2m_ray.pipelines.rl_actors import ActorLost
+
+        if isinstance(err, ActorLost) and not os.environ.get("R2M_RAY_DEBUG"):
+            print(f"r2m-ray: error: {err}", file=sys.stderr)
+            return 1
         if not isinstance(err, ray.exceptions.RayError) or os.environ.get("R2M_RAY_DEBUG"):
             raise
         first = str(err).strip().splitlines()

@@ -34,9 +34,9 @@ def role_demands(rl: RLConfig) -> dict[str, list[dict[str, float]]]:
     def actor(cpus: float, gpus: float, role: str) -> dict[str, float]:
         return {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **getattr(pl, role).resources}
 
-    reward = [actor(rl.reward.num_cpus_per_annotator, 0.0, "reward")]
-    if rl.reward.mode == "r2m":
-        reward.append(actor(rl.reward.num_cpus_per_head_learner, 0.0, "reward"))  # the head learner
+    reward = [actor(rl.reward.num_cpus_per_annotator, rl.reward.num_gpus_per_annotator, "reward")]
+    if rl.reward.mode == "r2m":  # the head learner
+        reward.append(actor(rl.reward.num_cpus_per_head_learner, rl.reward.num_gpus_per_head_learner, "reward"))
     return {
         "rollout": [
             actor(rl.rollout.num_cpus_per_actor, rl.rollout.num_gpus_per_actor, "rollout")
@@ -45,7 +45,7 @@ def role_demands(rl: RLConfig) -> dict[str, list[dict[str, float]]]:
         "policy": [
             actor(rl.policy.num_cpus_per_rank, rl.policy.num_gpus_per_rank, "policy") for _ in range(rl.policy.ranks)
         ],
-        "reference": [actor(rl.reference_num_cpus, 0.0, "reference")],
+        "reference": [actor(rl.reference_num_cpus, rl.reference_num_gpus, "reference")],
         "reward": reward,
     }
 

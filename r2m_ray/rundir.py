@@ -61,6 +61,33 @@ class RunDir:
             self._tb = SummaryWriter(log_dir=str(self.path / "tb"))
         return self._tb
 
+    def rewind(self, stage: str, step: int) -> int:
+        """Forget `stage`'s rows (and its sub-stages', e.g. rm/member0) after `step`: a resume repeats
+        them. Returns how many were dropped.
+
+        metrics.jsonl is rewritten atomically. TensorBoard events are left as they are: its
+        purge_step would drop every stage's events past `step`, and the repeated steps of an
+        exact resume carry the same values anyway.
+        """
+        self._metrics.flush()
+        path = self.path / "metrics.jsonl"
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the interruption
+                continue
+            name = str(row.get("stage", ""))
+            if not (name == stage or name.startswith(stage + "/")) or row.get("step", 0) <= step:
+                kept.append(line)
+        self._metrics.close()
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+        self._metrics = open(path, "a", buffering=1)
+        return len(lines) - len(kept)
+
     def log(self, stage: str, step: int, metrics: dict[str, Any]) -> None:
         """Append one metrics row and mirror its numbers to TensorBoard."""
         row = {"stage": stage, "step": step, "time": time.time(), **metrics}

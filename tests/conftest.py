@@ -108,3 +108,34 @@ def manifests() -> dict[str, list[dict]]:
 
     paths = sorted((ROOT / "cluster" / "kuberay").glob("*.yaml"))
     return {p.name: [d for d in yaml.safe_load_all(p.read_text()) if d] for p in paths}
+
+
+@pytest.fixture(scope="session")
+def trained(ray_session, tmp_path_factory):
+    """world → sft → rm once per session; the RL tests start from its checkpoints."""
+    from r2m_ray.config import load_config
+    from r2m_ray.pipelines.full_run import run_pipeline
+
+    tmp = tmp_path_factory.mktemp("rl")
+    cfg = load_config(
+        ROOT / "jobs" / "quickstart.yaml", small_overrides(tmp) + ["rm.max_steps=20", "stages=[world, sft, rm]"]
+    )
+    run = run_pipeline(cfg, run_dir=tmp / "base")
+    return tmp, run.path
+
+
+def rl_overrides(tmp: Path, base: Path, *overrides: str, rm: Path | None = None) -> list[str]:
+    """Overrides of quickstart.yaml for a small RL-only run from the shared SFT policy and RM (or another RM)."""
+    return small_overrides(tmp) + [
+        "stages=[world, rl]",
+        f"rl.policy_checkpoint={base / 'checkpoints' / 'sft'}",
+        f"rl.reward.checkpoint={rm or base / 'checkpoints' / 'rm-0'}",
+        *overrides,
+    ]
+
+
+def rl_config(tmp: Path, base: Path, *overrides: str, rm: Path | None = None):
+    """The small RL-only config built from `rl_overrides`."""
+    from r2m_ray.config import load_config
+
+    return load_config(ROOT / "jobs" / "quickstart.yaml", rl_overrides(tmp, base, *overrides, rm=rm))

@@ -62,6 +62,13 @@ CONFIG_CASES = {
     "override without a value": (["rl", QUICK, "rl.steps="], ["rl.steps"]),
     "missing config file": (["rl", "/nonexistent/job.yaml"], ["/nonexistent/job.yaml"]),
     "path preset without a path": (["rm", QUICK, "model.preset=path"], ["model:", "path is required"]),
+    "tensor parallel without its GPUs": (
+        ["rl", QUICK, "rl.rollout.tensor_parallel_size=2"],
+        ["rl.rollout.tensor_parallel_size=2", "num_gpus_per_actor=2"],
+    ),
+    "bf16 on the HF rollout backend": (["rl", QUICK, "rl.rollout.backend=hf", "rl.rollout.dtype=bfloat16"], ["dtype"]),
+    "checkpoints kept < 1": (["rl", QUICK, "rl.checkpoint.keep_last=0"], ["rl.checkpoint.keep_last"]),
+    "resume a directory that is not a run": (["run", "--resume", "/nonexistent/run"], ["/nonexistent/run"]),
 }
 
 

@@ -122,3 +122,24 @@ def test_paper_checker_flags_overrides(override, expected):
 def test_fit_checker_flags_too_many_engines(launchers):
     cfg = load_config(ROOT / "jobs" / "gpu_llama3_8b_r2m.yaml", ["rl.rollout.num_actors=8"])
     assert any(p.startswith("rollout:") for p in fit_problems(cfg, gpus_by_role_launcher(launchers["aws-gpu.yaml"])))
+
+
+def test_gpu_keys_reach_the_placement_demands_and_the_engine_dtype():
+    from r2m_ray.placement import role_demands
+
+    gpu = load_config(
+        ROOT / "jobs" / "quickstart.yaml",
+        [
+            "rl.rollout.num_gpus_per_actor=2",
+            "rl.rollout.tensor_parallel_size=2",
+            "rl.reference_num_gpus=1",
+            "rl.reward.num_gpus_per_annotator=1",
+            "rl.reward.num_gpus_per_head_learner=0.25",
+        ],
+    ).rl
+    demands = role_demands(gpu)
+    assert demands["rollout"][0]["GPU"] == 2 and demands["reference"][0]["GPU"] == 1
+    assert [d.get("GPU") for d in demands["reward"]] == [1, 0.25]  # annotator, head learner
+    assert gpu.rollout.engine_dtype() == "bfloat16"  # auto on a GPU engine
+    cpu = load_config(ROOT / "jobs" / "quickstart.yaml").rl
+    assert cpu.rollout.engine_dtype() == "float32" and "GPU" not in role_demands(cpu)["reference"][0]

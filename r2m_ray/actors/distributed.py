@@ -75,6 +75,39 @@ def gathered_state_dict(module: torch.nn.Module, zero3: bool) -> dict[str, torch
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
+def weights_only_checkpoint_engine() -> Any:
+    """DeepSpeed's torch checkpoint engine, loading with `torch.load(weights_only=True)`.
+
+    DeepSpeed's own engine unpickles arbitrary objects; its checkpoints need only tensors,
+    containers and three of its plain classes, which are allowed by name.
+    """
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnlyCheckpointEngine()
+
+
+def save_rng(path: Path) -> None:
+    """This process's torch RNG state (safetensors)."""
+    from safetensors.torch import save_file
+
+    save_file({"torch_cpu": torch.get_rng_state()}, str(path))
+
+
+def load_rng(path: Path) -> None:
+    """Restore the torch RNG state written by `save_rng`."""
+    from safetensors.torch import load_file
+
+    torch.set_rng_state(load_file(str(path))["torch_cpu"])
+
+
 class LearnerRank:
     """What every learner actor (one DeepSpeed rank) shares: its rank and rank 0's address."""
 
@@ -95,6 +128,39 @@ class LearnerRank:
     def checksum(self) -> float:
         """Sum of |weights| over the full model: the test that ranks stay identical."""
         return float(sum(v.double().abs().sum() for v in gathered_state_dict(self.engine.module, self.zero3).values()))
+
+    def on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's rows on the engine's device: the GPU Ray gave the actor, else the CPU (no copy)."""
+        return {k: v.to(self.engine.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def counters(self) -> dict[str, int]:
+        """Training counters a resume must restore (subclasses add theirs)."""
+        return {}
+
+    def set_counters(self, counters: dict[str, int]) -> None:
+        for key, value in counters.items():
+            setattr(self, key, int(value))
+
+    def save_checkpoint(self, path: str) -> str:
+        """Every rank: DeepSpeed writes weights, optimizer partition and scheduler; + this rank's RNG."""
+        self.engine.checkpoint_engine = weights_only_checkpoint_engine()
+        self.engine.save_checkpoint(
+            path, tag="deepspeed", client_state={"counters": self.counters()}, save_latest=False
+        )
+        save_rng(Path(path) / f"rng_rank{self.rank}.safetensors")
+        return path
+
+    def load_checkpoint(self, path: str) -> dict[str, int]:
+        """Every rank: restore what `save_checkpoint` wrote (the group must have the same ranks and ZeRO stage)."""
+        self.engine.checkpoint_engine = weights_only_checkpoint_engine()
+        loaded, client = self.engine.load_checkpoint(
+            path, tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if loaded is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint for rank {self.rank} under {path}")
+        self.set_counters(client.get("counters", {}))
+        load_rng(Path(path) / f"rng_rank{self.rank}.safetensors")
+        return self.counters()
 
 
 class LearnerGroup:
@@ -166,6 +232,19 @@ class LearnerGroup:
 
         ray.get(self._on_all_ranks("save", str(path), str(tokenizer_dir) if tokenizer_dir else None))
         return path
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Every rank writes its part of a resume checkpoint under `path` (a directory shared by all)."""
+        import ray
+
+        path.mkdir(parents=True, exist_ok=True)
+        ray.get([a.save_checkpoint.remote(str(path)) for a in self.actors])
+
+    def load_checkpoint(self, path: Path) -> list[dict[str, int]]:
+        """Every rank restores its part of a resume checkpoint; returns each rank's counters."""
+        import ray
+
+        return ray.get([a.load_checkpoint.remote(str(path)) for a in self.actors])
 
     def shutdown(self) -> None:
         """Kill the actors and remove the group's rendezvous files."""

@@ -140,6 +140,10 @@ class PolicyLearner(LearnerRank):
         hidden = int(model.config.get_text_config().hidden_size)
         return {"rank": self.rank, "backend": backend, "hidden_size": hidden, "params": n_params}
 
+    def counters(self) -> dict[str, int]:
+        """Optimiser steps and train calls (restored on resume)."""
+        return {"optimizer_steps": self.optimizer_steps, "train_calls": self.train_calls}
+
     # ------------------------------------------------------------------ forward
 
     def _forward(self, ids: Tensor, attn: Tensor) -> tuple[Tensor, Tensor]:
@@ -156,7 +160,7 @@ class PolicyLearner(LearnerRank):
     def _put_hidden(self, parts: list[Tensor], attn: Tensor) -> ray.ObjectRef:
         """Put the feedback h of this rank's rows once; consumers ray.get the ref themselves."""
         hidden = torch.cat(parts) * attn.unsqueeze(-1).to(self.hidden_dtype)
-        return ray.put({"hidden": hidden, "mask": attn.long()})
+        return ray.put({"hidden": hidden.cpu(), "mask": attn.long().cpu()})
 
     @staticmethod
     def _check(batch: dict[str, Tensor], keys: tuple[str, ...]) -> int:
@@ -180,6 +184,7 @@ class PolicyLearner(LearnerRank):
         ``{"old_logp": [B, T] float32, "entropy": float, "hidden_ref": ObjectRef, "rows": B}``.
         """
         rows = self._check(batch, EXPERIENCE_KEYS)
+        batch = self.on_device(batch)
         self.engine.eval()
         logps, hidden, ent_sum, ent_count = [], [], 0.0, 0
         for sl in micro_batch_slices(rows, num_micro or math.ceil(rows / self.cfg.micro_batch_size)):
@@ -190,7 +195,7 @@ class PolicyLearner(LearnerRank):
             ent_sum, ent_count = ent_sum + s, ent_count + c
             hidden.append(h.to(self.hidden_dtype))
         return {
-            "old_logp": torch.cat(logps),
+            "old_logp": torch.cat(logps).cpu(),
             "entropy": ent_sum / max(ent_count, 1),
             "hidden_ref": self._put_hidden(hidden, batch["attention_mask"]),
             "rows": rows,
@@ -210,6 +215,7 @@ class PolicyLearner(LearnerRank):
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
         rows = self._check(batch, TRAIN_KEYS)
+        batch = self.on_device(batch)
         slices = micro_batch_slices(rows, num_micro or math.ceil(rows / self.cfg.micro_batch_size))
         self.train_calls += 1
         self.engine.train()  # dropout is disabled at load, so train mode changes no numbers
@@ -272,7 +278,7 @@ class PolicyLearner(LearnerRank):
 
     def _any_rank_nonfinite(self, loss: Tensor) -> bool:
         """True on every rank when the loss is NaN/inf on any rank (one tiny all-reduce)."""
-        flag = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
+        flag = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)  # NCCL: on the GPU
         if self.world_size > 1:
             import torch.distributed as dist
 

@@ -10,6 +10,7 @@ policy learner's old log-probs.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import ray
@@ -26,21 +27,27 @@ class ReferenceActor:
     """Frozen causal LM; returns response log-probs, summed per sequence or per token."""
 
     def __init__(self, model_dir: str, pad_token_id: int, torch_threads: int = 1) -> None:
-        from r2m_ray.models.registry import load_causal_lm
+        from r2m_ray.models.registry import actor_device, load_causal_lm
 
         torch.set_num_threads(torch_threads)
-        self.model = load_causal_lm(Path(model_dir)).eval()
+        self.device = actor_device()
+        self.model = load_causal_lm(Path(model_dir)).eval().to(self.device)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.pad_id = pad_token_id
+
+    def ping(self) -> dict[str, int]:
+        """Liveness and process id (the driver counts restarts by a new pid)."""
+        return {"pid": os.getpid()}
 
     @torch.no_grad()
     def logprobs(self, input_ids: list[list[int]], response_mask: list[list[int]]) -> torch.Tensor:
         """log π_ref(y|x) per sequence = sum over response tokens."""
         ids, attn = pad_ids(input_ids, self.pad_id)
         mask, _ = pad_ids(response_mask, 0)
+        ids, attn, mask = ids.to(self.device), attn.to(self.device), mask.to(self.device)
         logits = self.model(input_ids=ids, attention_mask=attn).logits.float()
-        return sequence_logprobs(logits, ids, mask)
+        return sequence_logprobs(logits, ids, mask).cpu()
 
     @torch.no_grad()
     def token_logprobs(
@@ -67,7 +74,8 @@ class ReferenceActor:
                 f"attention_mask {tuple(attn.shape)} / response_mask {tuple(mask.shape)} must match "
                 f"input_ids {tuple(ids.shape)}"
             )
+        ids, attn, mask = ids.to(self.device), attn.to(self.device), mask.to(self.device)
         logits = self.model(
             input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn), use_cache=False
         ).logits
-        return response_token_logprobs(logits, ids, mask)
+        return response_token_logprobs(logits, ids, mask).cpu()

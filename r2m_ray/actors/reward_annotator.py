@@ -61,19 +61,21 @@ class RewardAnnotator:
         cache_size: int = 65536,
     ) -> None:
         """Load the frozen RM + tokenizer from `rm_checkpoint`; build the head (same `seed` as the learner's)."""
-        from r2m_ray.models.registry import load_tokenizer
+        from r2m_ray.models.registry import actor_device, load_tokenizer
         from r2m_ray.models.reward_model import RewardModel
 
         torch.set_num_threads(torch_threads)
         self.cfg = parse_reward_config(cfg_json)
         ckpt = Path(rm_checkpoint)
-        self.rm = RewardModel.from_pretrained(ckpt).eval()
+        self.device = actor_device()
+        self.rm = RewardModel.from_pretrained(ckpt).eval().to(self.device)
         self.rm.requires_grad_(False)
         self.tokenizer = load_tokenizer(_tokenizer_dir(ckpt))
         self.pad_id = pad_token_id(self.tokenizer)
         r2m = self.cfg.r2m
         self.head = R2MHead(self.rm.value_head, self.rm.hidden_size, d_policy, r2m.d_attn, r2m.n_heads, seed)
         self.head.requires_grad_(False)  # annotators only ever score
+        self.head.to(self.device)
         self.seed, self.max_length, self.batch_size = seed, max_length, batch_size
         self.cache: OrderedDict[tuple[str, str], Tensor] = OrderedDict()
         self.cache_size = cache_size
@@ -131,7 +133,7 @@ class RewardAnnotator:
         for start in range(0, len(encoded), self.batch_size):
             chunk = encoded[start : start + self.batch_size]
             ids, attn = pad_ids([enc.input_ids for _, enc in chunk], self.pad_id)
-            last_hidden = self.rm(ids, attn).last_hidden.float()
+            last_hidden = self.rm(ids.to(self.device), attn.to(self.device)).last_hidden.float().cpu()
             for (key, _), row in zip(chunk, last_hidden):
                 self.cache[key] = row.clone()  # own storage: the batch tensor is not kept alive
 
@@ -151,14 +153,15 @@ class RewardAnnotator:
     def _score(self, rte: Tensor, hidden_refs: list | None, t: int, T: int) -> tuple[Tensor, float]:
         """Rewards for RTEs under this actor's mode; hidden_refs None → the head without feedback."""
         w = self._omega(t, T)
+        rte = rte.to(self.device)  # the cache (and every answer) stays on the CPU
         if self.cfg.mode == "frozen":
-            return self.rm.score_hidden(rte), w
+            return self.rm.score_hidden(rte).cpu(), w
         if hidden_refs is None or w == 1.0:
             # ω = 1 makes Ĥ irrelevant; skip fetching and attending to h
-            return self.head(rte), w
+            return self.head(rte).cpu(), w
         seed = noise_seed(self.seed, t, NOISE_STREAM_ANNOTATOR) if self.cfg.r2m.feedback == "noise" else None
         h, mask = fetch_feedback(hidden_refs, rte.shape[0], seed)
-        return self.head(rte, h, mask, w), w
+        return self.head(rte, h.to(self.device), mask.to(self.device), w).cpu(), w
 
     def annotate(
         self, prompt_messages: list[list[dict]], responses: list[str], hidden_refs: list | None, t: int, T: int
@@ -193,7 +196,7 @@ class RewardAnnotator:
         """The frozen RM's own rewards [B] (whatever the mode), through the same RTE cache."""
         rte, _, _ = self._rte(prompt_messages, responses)
         with torch.no_grad():
-            return self.rm.score_hidden(rte)
+            return self.rm.score_hidden(rte.to(self.device)).cpu()
 
     def pairwise_accuracy(
         self,

@@ -15,8 +15,10 @@ learns), `loss.bt` / `loss.gre` (drop a term).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +74,11 @@ class RewardHeadLearner:
             raise ValueError(f"steps_per_update must be >= 1, got {steps_per_update}")
         self.cfg = parse_reward_config(cfg_json)
         r2m = self.cfg.r2m
+        from r2m_ray.models.registry import actor_device
+
         value_head, d_rm = load_value_head(Path(rm_checkpoint))
-        self.head = R2MHead(value_head, d_rm, d_policy, r2m.d_attn, r2m.n_heads, seed)
+        self.device = actor_device()
+        self.head = R2MHead(value_head, d_rm, d_policy, r2m.d_attn, r2m.n_heads, seed).to(self.device)
         # No weight decay: there is no config key for it, and decay would pull φ away from the RM.
         self.optimizer = torch.optim.AdamW(self.head.trainable_parameters(), lr=r2m.lr, weight_decay=0.0)
         self.seed, self.steps_per_update, self.grad_clip = seed, steps_per_update, grad_clip
@@ -86,7 +91,7 @@ class RewardHeadLearner:
         """(rte float32, h', mask, ω) for this learner's mode."""
         if rte.dim() != 2 or rte.shape[1] != self.head.d_rm:
             raise ValueError(f"rte must be [B, {self.head.d_rm}], got {tuple(rte.shape)}")
-        rte = rte.float()
+        rte = rte.float().to(self.device)
         r2m = self.cfg.r2m
         if r2m.iterative:
             return rte, None, None, 1.0
@@ -95,13 +100,13 @@ class RewardHeadLearner:
         w = float(omega_schedule(t, T, r2m.omega_floor))
         seed = noise_seed(self.seed, t, NOISE_STREAM_LEARNER) if r2m.feedback == "noise" else None
         h, mask = fetch_feedback(hidden_refs, rte.shape[0], seed)
-        return rte, h, mask, w
+        return rte, h.to(self.device), mask.to(self.device), w
 
     @torch.no_grad()
     def score(self, rte: Tensor, hidden_refs: list | None, t: int, T: int) -> Tensor:
         """The head's rewards [B] for RTEs and feedback at step t (what an annotator with this head gives)."""
         rte, h, mask, w = self._inputs(rte, hidden_refs, t, T)
-        return self.head(rte, h, mask, w)
+        return self.head(rte, h, mask, w).cpu()
 
     def update(
         self,
@@ -122,7 +127,8 @@ class RewardHeadLearner:
         if group_size < 2 or rte.shape[0] % group_size:
             raise ValueError(f"{rte.shape[0]} rows do not split into groups of group_size={group_size} (>= 2)")
         groups = rte.shape[0] // group_size
-        winner, loser = torch.as_tensor(winner_idx).long(), torch.as_tensor(loser_idx).long()
+        winner = torch.as_tensor(winner_idx).long().to(self.device)
+        loser = torch.as_tensor(loser_idx).long().to(self.device)
         rte, h, mask, w = self._inputs(rte, hidden_refs, t, T)
         loss_cfg = self.cfg.r2m.loss
 
@@ -184,8 +190,40 @@ class RewardHeadLearner:
         """Number of updates that changed the head."""
         return self.version
 
+    def save_checkpoint(self, path: str) -> str:
+        """Head weights (safetensors), AdamW state, version and RNG: what a resumed run needs."""
+        from safetensors.torch import save_file
+
+        from r2m_ray.actors.distributed import save_rng
+
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.head.head_state().items()}, str(out / "head.safetensors"))
+        torch.save(self.optimizer.state_dict(), out / "optimizer.pt")  # tensors + numbers only
+        (out / "head.json").write_text(json.dumps({"version": self.version, "skipped_steps": self.skipped_steps}))
+        save_rng(out / "rng.safetensors")
+        return path
+
+    def load_checkpoint(self, path: str) -> int:
+        """Restore what `save_checkpoint` wrote (optimizer read with weights_only=True); returns the version."""
+        from safetensors.torch import load_file
+
+        from r2m_ray.actors.distributed import load_rng
+
+        src = Path(path)
+        self.head.load_head_state(load_file(str(src / "head.safetensors")))
+        self.optimizer.load_state_dict(torch.load(src / "optimizer.pt", weights_only=True, map_location=self.device))
+        meta = json.loads((src / "head.json").read_text())
+        self.version, self.skipped_steps = int(meta["version"]), int(meta["skipped_steps"])
+        load_rng(src / "rng.safetensors")
+        return self.version
+
+    def ping(self) -> dict[str, int]:
+        """Liveness and process id (for the driver's actor table)."""
+        return {"pid": os.getpid(), "version": self.version}
+
     def load_head(self, state_dict: dict[str, Tensor], version: int) -> int:
-        """Restore head weights (resume); the optimizer state starts afresh."""
+        """Restore head weights; the optimizer state starts afresh (a resume uses `load_checkpoint`)."""
         self.head.load_head_state(state_dict)
         self.optimizer = torch.optim.AdamW(self.head.trainable_parameters(), lr=self.cfg.r2m.lr, weight_decay=0.0)
         self.version = int(version)

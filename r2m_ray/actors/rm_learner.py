@@ -109,6 +109,7 @@ class RMLearner(LearnerRank):
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimiser step on this rank's slice; gradients are averaged by DeepSpeed."""
         self.engine.train()
+        batch = self.on_device(batch)
         ids, attn, resp = stack_pair_batch(batch)
         need_logps = self.cfg.grm.regulariser != "none"
         out = self.engine(ids, attn, response_mask=resp if need_logps else None)
@@ -127,8 +128,9 @@ class RMLearner(LearnerRank):
     def rewards(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Rewards of chosen and rejected (eval mode)."""
         self.engine.eval()
+        batch = self.on_device(batch)
         ids, attn, _ = stack_pair_batch(batch)
-        r = self.engine(ids, attn).rewards.float()
+        r = self.engine(ids, attn).rewards.float().cpu()
         n = batch["chosen_input_ids"].shape[0]
         return {"chosen": r[:n], "rejected": r[n:]}
 

@@ -111,9 +111,11 @@ class VLLMEngine:
             if backend == "gloo":
                 register_gloo_backend()  # this process hosts the (in-process) engine's worker
             kv["weight_transfer_config"] = WeightTransferConfig(backend=backend)
+        if cfg.tensor_parallel_size > 1:  # workers as processes on this node, one per GPU Ray gave the actor
+            kv.update(tensor_parallel_size=cfg.tensor_parallel_size, distributed_executor_backend="mp")
         self.llm = vllm.LLM(
             model=model_dir,
-            dtype="float32",
+            dtype=cfg.engine_dtype(),
             seed=seed,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             enforce_eager=cfg.enforce_eager,

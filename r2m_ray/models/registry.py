@@ -379,3 +379,8 @@ def _prepare_smol(root: Path) -> Path:
             final_dir,
         )
     return final_dir
+
+
+def actor_device() -> torch.device:
+    """The GPU Ray gave this actor (num_gpus > 0 sets CUDA_VISIBLE_DEVICES), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

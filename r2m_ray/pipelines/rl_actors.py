@@ -1,0 +1,238 @@
+"""The actors of one RL attempt, and what the driver does when one of them fails.
+
+Two kinds of failure:
+- in place: Ray restarts a dead rollout engine, the annotator or the reference (`max_restarts`).
+  The driver waits for the new incarnation, restores what it lost (the engine's weights, the
+  annotator's head; the reference has no state) and repeats the call with the same
+  arguments and seed, so the step's samples and rewards are the ones it would have had.
+- the stage: a policy rank (its DeepSpeed group cannot take a new member), the head learner
+  (its optimizer state would be lost), or an actor whose restarts are spent. `ActorLost` is
+  raised; rl_stage stops every actor and starts them again from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from r2m_ray.actors.policy_learner import PolicyLearnerGroup
+from r2m_ray.actors.reference import ReferenceActor
+from r2m_ray.actors.reward_annotator import RewardAnnotator
+from r2m_ray.actors.reward_head_learner import RewardHeadLearner
+from r2m_ray.actors.rollout import RolloutActor
+from r2m_ray.config import RunConfig
+from r2m_ray.placement import PlacementPlan, actor_nodes, actor_processes
+
+log = logging.getLogger(__name__)
+
+ACTOR_LOST = (ray.exceptions.RayActorError,)  # ActorDiedError, ActorUnavailableError
+STAGE_LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)  # + objects owned by a dead actor
+RESTART_TIMEOUT_S = 600  # a restarted engine reloads its model (and may recompile) before it answers
+
+
+class ActorLost(RuntimeError):
+    """An actor Ray cannot bring back in place: the stage restarts from its last checkpoint."""
+
+
+def wait_until_alive(actor: Any, timeout_s: float = RESTART_TIMEOUT_S) -> dict[str, Any]:
+    """Block until a restarting actor answers `ping` (returned); ActorDiedError (restarts used up) propagates."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(actor.ping.remote(), timeout=max(1.0, deadline - time.monotonic()))
+        except ray.exceptions.ActorUnavailableError:  # "the actor is restarting": Ray does not queue calls
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+def get_all(refs: list[ray.ObjectRef], what: str) -> list[Any]:
+    """ray.get of every ref, failing at the FIRST failure: when one DeepSpeed rank dies the others
+    wait in a collective, so a plain ray.get of the list would wait with them."""
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        try:
+            ray.get(done[0])
+        except ACTOR_LOST as err:
+            raise ActorLost(f"{what}: {type(err).__name__}") from err
+    return ray.get(list(refs))
+
+
+class RLActors:
+    """Rollout engines, policy learner group, reference, annotator and (r2m) head learner."""
+
+    def __init__(
+        self, cfg: RunConfig, policy_dir: Path, rm_ckpt: Path, d_policy: int, pad_id: int, restarts: dict[str, int]
+    ) -> None:
+        rl = cfg.rl
+        self.cfg, self.rl = cfg, rl
+        self.restarts = restarts  # in-place restarts per role, counted by the caller across attempts
+        self.pids: dict[str, list[int]] = {}  # role -> pid of each actor's current incarnation
+        self.latest: dict[str, Any] = {"ref": None, "version": 0}  # the weights every engine must serve
+        self.head_version = 0  # the head version the annotator must hold (0 = its initial head)
+        self.learner: PolicyLearnerGroup | None = None
+        self.reference = self.annotator = self.head_learner = None
+        # placed by rl.placement (one placement group per role) or, by default, by Ray's scheduler
+        self.plan = PlacementPlan(rl)
+        self.rollouts: list[Any] = []
+        try:
+            self._start(cfg, policy_dir, rm_ckpt, d_policy, pad_id)
+        except BaseException:
+            self.shutdown()  # what did start must not outlive a failed start
+            raise
+
+    def _start(self, cfg: RunConfig, policy_dir: Path, rm_ckpt: Path, d_policy: int, pad_id: int) -> None:
+        rl, seed = cfg.rl, cfg.seed
+        self.rollouts = [
+            RolloutActor.options(**self.plan.options("rollout", i), max_restarts=rl.rollout.max_restarts).remote(
+                str(policy_dir), rl.rollout.model_dump_json(), seed + i
+            )
+            for i in range(rl.rollout.num_actors)
+        ]
+        self.learner = PolicyLearnerGroup(rl.policy, policy_dir, seed, lambda r: self.plan.options("policy", r))
+        self.reference = ReferenceActor.options(
+            **self.plan.options("reference", 0),
+            max_restarts=rl.reference_max_restarts,
+            max_task_retries=rl.reference_max_restarts,  # stateless: Ray may simply run the call again
+        ).remote(str(policy_dir), pad_id)
+        reward_json = rl.reward.model_dump_json()
+        self.annotator = RewardAnnotator.options(
+            **self.plan.options("reward", 0), max_restarts=rl.reward.max_restarts
+        ).remote(str(rm_ckpt), reward_json, d_policy, cfg.data.max_length, seed)
+        if rl.reward.mode == "r2m":
+            self.head_learner = RewardHeadLearner.options(**self.plan.options("reward", 1)).remote(
+                str(rm_ckpt), reward_json, d_policy, seed
+            )
+
+    def roles(self) -> dict[str, list[Any]]:
+        assert self.learner is not None
+        roles = {
+            "rollout": self.rollouts,
+            "policy": self.learner.actors,
+            "reference": [self.reference],
+            "reward": [self.annotator],
+        }
+        if self.head_learner is not None:
+            roles["reward"].append(self.head_learner)
+        return roles
+
+    def wait_ready(self, run_path: Path) -> dict[str, list[str]]:
+        """Wait for every engine (model load, first compile), open the collective group if configured,
+        write actors.json (node and pid of each actor); returns each role's node ids."""
+        ray.get([r.ping.remote() for r in self.rollouts] + [self.annotator.head_version.remote()])
+        if self.rl.rollout.weight_sync == "collective":
+            assert self.learner is not None
+            ro = self.rl.rollout  # each engine's tensor-parallel workers all join the group
+            self.learner.init_weight_transfer(self.rollouts, ro.num_gpus_per_actor, ro.tensor_parallel_size)
+        roles = self.roles()
+        processes = {role: actor_processes(actors) for role, actors in roles.items()}
+        self.pids.update({role: [p["pid"] for p in procs] for role, procs in processes.items()})
+        tmp = run_path / "actors.json.tmp"  # replaced in one step: operators (and tests) may be reading it
+        tmp.write_text(json.dumps(processes, indent=1) + "\n")
+        tmp.replace(run_path / "actors.json")
+        return {role: actor_nodes(actors) for role, actors in roles.items()}
+
+    def _new_incarnation(self, role: str, index: int, actor: Any, counter: str) -> bool:
+        """Wait for a failed actor; True if Ray restarted it (a new pid, counted once), False if it never died."""
+        try:
+            pid = wait_until_alive(actor)["pid"]
+        except ACTOR_LOST as err:
+            raise ActorLost(f"{role} actor {index} is gone and Ray will not restart it ({type(err).__name__})") from err
+        if pid == self.pids[role][index]:
+            return False
+        self.restarts[counter] = self.restarts.get(counter, 0) + 1
+        self.pids[role][index] = pid
+        return True
+
+    def recover_rollout(self, i: int, err: BaseException) -> None:
+        """Engine i failed a call: wait for its restart (its __init__ loads the initial weights), restore the latest."""
+        log.warning("rollout actor %d failed a call (%s); waiting for it to come back", i, type(err).__name__)
+        if not self._new_incarnation("rollout", i, self.rollouts[i], "rollout"):
+            raise ActorLost(f"rollout actor {i} is alive but its call failed: an input's owner died ({err})") from err
+        if self.rl.rollout.weight_sync == "collective":
+            # a new engine cannot join the running transfer group: restart the stage (all engines, one new group)
+            raise ActorLost(f"rollout actor {i} restarted; weight_sync=collective re-forms its group from a checkpoint")
+        if self.latest["version"] > 0:
+            ray.get(self.rollouts[i].update_weights.remote(self.latest["ref"], self.latest["version"]))
+
+    def recover_annotator(self, err: BaseException) -> None:
+        """Wait for Ray to restart the annotator (frozen RM + initial head), then restore the head."""
+        log.warning("reward annotator failed a call (%s); waiting for it to come back", type(err).__name__)
+        if not self._new_incarnation("reward", 0, self.annotator, "annotator"):
+            raise ActorLost(f"the annotator is alive but its call failed: an input's owner died ({err})") from err
+        if self.head_learner is not None and self.head_version > 0:
+            try:
+                ray.get(self.annotator.load_head.remote(self.head_learner.head_state.remote(), self.head_version))
+            except ACTOR_LOST as lost:
+                raise ActorLost(f"head learner lost while restoring the annotator's head ({lost})") from lost
+
+    def annotator_call(self, method: str, *args: Any) -> Any:
+        """One annotator call, repeated on the restarted actor if it died (its answers are deterministic)."""
+        while True:
+            try:
+                return ray.get(getattr(self.annotator, method).remote(*args))
+            except ACTOR_LOST as err:
+                self.recover_annotator(err)
+
+    def sync_weights(self, version: int) -> None:
+        """Policy weights → every engine: one broadcast (collective) or one put + a reload per engine."""
+        assert self.learner is not None
+        if self.rl.rollout.weight_sync == "collective":
+            try:
+                self.learner.send_weights(version)
+            except ACTOR_LOST as err:
+                raise ActorLost(f"weight broadcast failed ({type(err).__name__})") from err
+            return
+        self.latest.update(ref=self.learner.state_dict_ref(), version=version)
+        syncs = [r.update_weights.remote(self.latest["ref"], version) for r in self.rollouts]
+        for i, ref in enumerate(syncs):
+            try:
+                ray.get(ref)
+            except ACTOR_LOST as err:
+                self.recover_rollout(i, err)  # restores `latest`, i.e. this very sync
+
+    def save(self, path: Path) -> None:
+        """The actors' part of a resume checkpoint: every policy rank, and the head learner."""
+        assert self.learner is not None
+        self.learner.save_checkpoint(path / "policy")
+        if self.head_learner is not None:
+            get_all([self.head_learner.save_checkpoint.remote(str(path / "head"))], "head learner")
+
+    def restore(self, path: Path, version: int) -> None:
+        """Load a verified checkpoint into fresh actors: policy ranks, head learner → annotator, engines."""
+        assert self.learner is not None
+        self.learner.load_checkpoint(path / "policy")
+        if self.head_learner is not None:
+            get_all([self.head_learner.load_checkpoint.remote(str(path / "head"))], "head learner")
+            if version > 0:  # the loop labels the annotator's head with the step that trained it
+                self.head_version = version
+                self.annotator_call("load_head", self.head_learner.head_state.remote(), version)
+        if version > 0:
+            self.sync_weights(version)
+
+    def count_silent_restarts(self) -> None:
+        """Ray restarts the reference and re-runs its call without the driver noticing: count it by pid."""
+        if "reference" not in self.pids or self.reference is None:
+            return
+        try:
+            pid = ray.get(self.reference.ping.remote(), timeout=60)["pid"]
+        except ray.exceptions.RayError:  # gone for good: the attempt is over anyway
+            return
+        if pid != self.pids["reference"][0]:
+            self.restarts["reference"] = self.restarts.get("reference", 0) + 1
+            self.pids["reference"][0] = pid
+
+    def shutdown(self) -> None:
+        """Kill every actor and remove the placement groups."""
+        for actor in [*self.rollouts, self.reference, self.annotator, self.head_learner]:
+            if actor is not None:
+                ray.kill(actor)
+        if self.learner is not None:
+            self.learner.shutdown()
+        self.plan.remove()

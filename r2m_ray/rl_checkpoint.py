@@ -1,0 +1,223 @@
+"""Resume checkpoints of the RL stage: written atomically, verified before use.
+
+A checkpoint after step t holds everything step t+1 depends on:
+
+    step-000012/
+      policy/          DeepSpeed checkpoint of every rank: weights, optimizer (ZeRO partitions),
+                       lr scheduler, + each rank's torch RNG (rng_rank<r>.safetensors)
+      head/            R2M head weights (safetensors), its AdamW state, version, RNG
+      driver.json      step t, metrics history, skip/restart counters, timing
+      config.json      the resolved run config (to name what changed on a resume)
+      manifest.json    size + SHA-256 of every file above, config and world hashes; written last
+
+The rest is a function of (config, t): the prompt order (seeded), the sampling seed of each
+step, ω(t), the frozen RM and the reference policy. So a resumed step t+1 repeats the
+uninterrupted one exactly on CPU.
+
+Atomic: a checkpoint is assembled in `.step-<t>.partial-<id>/` and renamed into place only
+after its manifest is written, so a crash mid-write leaves the previous good checkpoint as
+the latest. `verify` re-hashes every file: a truncated or altered checkpoint is refused with
+the file named, before any actor starts.
+
+Loading never unpickles arbitrary objects: DeepSpeed's files are read with
+`torch.load(weights_only=True)` (see actors/distributed.WeightsOnlyCheckpointEngine).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from r2m_ray.config import RunConfig
+from r2m_ray.rundir import flatten
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+PREFIX = "step-"
+# keys a resumed run may change: where and how it runs, not what it computes
+RESUMABLE_KEYS = (
+    "ray.",
+    "rl.checkpoint.",
+    "rl.max_stage_restarts",
+    "rl.max_nonfinite_steps",
+    "rl.placement.",
+    "rl.rollout.max_restarts",
+    "rl.reward.max_restarts",
+    "rl.reference_max_restarts",
+    "output_dir",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, partial, corrupt or from another run; the message names the file or key."""
+
+
+def _computed(cfg: RunConfig) -> dict[str, Any]:
+    """The flattened config without the keys a resume may change."""
+    flat = flatten(cfg.model_dump(mode="json"))
+    return {k: v for k, v in flat.items() if not k.startswith(RESUMABLE_KEYS)}
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """SHA-256 of everything in the config that changes what the run computes."""
+    return hashlib.sha256(json.dumps(_computed(cfg), sort_keys=True).encode()).hexdigest()
+
+
+def world_hash(cfg: RunConfig) -> str:
+    """SHA-256 of the synthetic world's config (the data every split is drawn from)."""
+    return hashlib.sha256(json.dumps(cfg.world.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def config_differences(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """Dotted keys whose values differ between a checkpoint's config and `cfg` (resumable keys ignored)."""
+    now = _computed(cfg)
+    before = {k: v for k, v in flatten(saved).items() if not k.startswith(RESUMABLE_KEYS)}
+    return sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(4 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under root to disk (the rename must not outrun the data)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(Path(dirpath) / name, "rb") as f:
+                os.fsync(f.fileno())
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@dataclass
+class DriverState:
+    """What the driver itself carries from step to step."""
+
+    step: int  # steps completed (the next step is `step`, 0-based)
+    history: list[dict[str, Any]] = field(default_factory=list)  # metrics of the logged steps
+    skipped: dict[str, int] = field(
+        default_factory=lambda: {"nonfinite_rewards": 0, "nonfinite_loss": 0, "nonfinite_loss_microbatches": 0}
+    )
+    nonfinite_in_a_row: int = 0
+    tokens_total: int = 0
+    acc_before: float | None = None
+    actor_restarts: dict[str, int] = field(default_factory=dict)
+    stage_restarts: int = 0
+    seconds: float = 0.0  # step-loop time before this checkpoint
+    startup_seconds: float = 0.0
+    checkpoint_seconds: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, default=float)
+
+    @classmethod
+    def from_json(cls, text: str) -> DriverState:
+        return cls(**json.loads(text))
+
+
+class CheckpointStore:
+    """The checkpoints of one RL run under `root`: step-<t>/ directories, newest last."""
+
+    def __init__(self, root: Path, keep_last: int = 2) -> None:
+        self.root = Path(root)
+        self.keep_last = keep_last
+
+    def staging(self, step: int) -> Path:
+        """A fresh directory to assemble step `step`'s checkpoint in (invisible to `latest`)."""
+        path = self.root / f".{PREFIX}{step:06d}.partial-{uuid.uuid4().hex[:8]}"
+        path.mkdir(parents=True)
+        return path
+
+    def commit(self, staging: Path, step: int, cfg: RunConfig) -> Path:
+        """Write the manifest, flush, rename into place, then drop checkpoints beyond keep_last."""
+        (staging / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1) + "\n")
+        files = {
+            str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(staging.rglob("*"))
+            if p.is_file()
+        }
+        manifest = {
+            "format": FORMAT,
+            "step": step,
+            "config_sha256": config_hash(cfg),
+            "world_sha256": world_hash(cfg),
+            "files": files,
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        _fsync_tree(staging)
+        final = self.root / f"{PREFIX}{step:06d}"
+        if final.exists():  # the same step saved again after a stage restart: the new copy wins
+            shutil.rmtree(final)
+        os.rename(staging, final)
+        for _, old in self.complete()[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint saved: %s (%d files)", final, len(files))
+        return final
+
+    def complete(self) -> list[tuple[int, Path]]:
+        """(step, path) of every renamed-into-place checkpoint, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for p in self.root.iterdir():
+            if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit():
+                found.append((int(p.name[len(PREFIX) :]), p))
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint (not verified: call `verify`)."""
+        done = self.complete()
+        return done[-1][1] if done else None
+
+    def remove_partial(self) -> int:
+        """Delete what a crash mid-write left behind; returns how many."""
+        partial = [p for p in self.root.glob(f".{PREFIX}*.partial-*") if p.is_dir()] if self.root.is_dir() else []
+        for p in partial:
+            log.warning("removing a partial checkpoint left by an interrupted write: %s", p)
+            shutil.rmtree(p, ignore_errors=True)
+        return len(partial)
+
+    def verify(self, path: Path, cfg: RunConfig) -> DriverState:
+        """Check every file against the manifest and the config against the run's; returns the driver state."""
+        manifest_path = path / "manifest.json"
+        older = [str(p) for _, p in self.complete() if p != path]
+        hint = f"; an older checkpoint is kept: {older[-1]} (delete {path} to resume from it)" if older else ""
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            files = manifest["files"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"checkpoint {path}: manifest.json is missing or unreadable ({err}){hint}") from None
+        if manifest.get("format") != FORMAT:
+            raise CheckpointError(f"checkpoint {path}: format {manifest.get('format')!r}, expected {FORMAT}")
+        for rel, meta in files.items():
+            p = path / rel
+            if not p.is_file():
+                raise CheckpointError(f"checkpoint {path}: file {rel} is missing{hint}")
+            if p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
+                raise CheckpointError(f"checkpoint {path}: file {rel} is corrupt (size or SHA-256 differs){hint}")
+        if manifest["world_sha256"] != world_hash(cfg):
+            raise CheckpointError(f"checkpoint {path} was written for another world (world.* keys differ)")
+        if manifest["config_sha256"] != config_hash(cfg):
+            saved = json.loads((path / "config.json").read_text())
+            keys = config_differences(saved, cfg)
+            raise CheckpointError(
+                f"checkpoint {path} was written with a different config; keys that differ: {', '.join(keys[:12])}"
+                + (" …" if len(keys) > 12 else "")
+            )
+        return DriverState.from_json((path / "driver.json").read_text())

@@ -1,0 +1,116 @@
+"""Resume checkpoints on disk: atomic commit, pruning, verification, config checks, log rewind."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from r2m_ray.config import load_config
+from r2m_ray.rl_checkpoint import (
+    CheckpointError,
+    CheckpointStore,
+    DriverState,
+    config_differences,
+    config_hash,
+)
+from r2m_ray.rundir import RunDir
+from tests.conftest import ROOT
+
+
+@pytest.fixture()
+def cfg():
+    return load_config(ROOT / "jobs" / "quickstart.yaml")
+
+
+def stage(store: CheckpointStore, step: int, payload: bytes = b"weights") -> os.PathLike:
+    """A staged checkpoint the way rl_stage writes one: actors' files, then driver.json."""
+    path = store.staging(step)
+    (path / "policy").mkdir()
+    (path / "policy" / "rank0.bin").write_bytes(payload * 100)
+    (path / "driver.json").write_text(DriverState(step=step, tokens_total=7 * step).to_json())
+    return path
+
+
+def test_commit_is_atomic_and_keeps_the_last_n(cfg, tmp_path):
+    store = CheckpointStore(tmp_path / "ckpt", keep_last=2)
+    staged = stage(store, 1)
+    assert store.latest() is None  # a staged checkpoint is invisible until committed
+    store.commit(staged, 1, cfg)
+    for step in (2, 3):
+        store.commit(stage(store, step), step, cfg)
+    assert [s for s, _ in store.complete()] == [2, 3]  # step 1 pruned
+    latest = store.latest()
+    assert latest is not None and latest.name == "step-000003"
+    state = store.verify(latest, cfg)
+    assert state.step == 3 and state.tokens_total == 21
+    manifest = json.loads((latest / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"policy/rank0.bin", "driver.json", "config.json"}
+    assert manifest["config_sha256"] == config_hash(cfg)
+
+
+def test_a_partial_write_leaves_the_previous_checkpoint_as_latest(cfg, tmp_path):
+    store = CheckpointStore(tmp_path / "ckpt")
+    store.commit(stage(store, 2), 2, cfg)
+    stage(store, 4)  # the process died before commit: no manifest, never renamed
+    latest = store.latest()
+    assert latest is not None and latest.name == "step-000002"
+    assert store.remove_partial() == 1
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step-000002"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "manifest"])
+def test_a_corrupt_checkpoint_is_refused_naming_the_file(cfg, tmp_path, damage):
+    store = CheckpointStore(tmp_path / "ckpt", keep_last=3)
+    store.commit(stage(store, 2), 2, cfg)
+    store.commit(stage(store, 4), 4, cfg)
+    target = tmp_path / "ckpt" / "step-000004"
+    blob = target / "policy" / "rank0.bin"
+    if damage == "truncate":
+        blob.write_bytes(blob.read_bytes()[:50])
+    elif damage == "flip":
+        data = bytearray(blob.read_bytes())
+        data[10] ^= 0xFF
+        blob.write_bytes(bytes(data))
+    elif damage == "delete":
+        blob.unlink()
+    else:
+        (target / "manifest.json").write_text("{not json")
+    expected = "manifest.json" if damage == "manifest" else "policy/rank0.bin"
+    with pytest.raises(CheckpointError, match=expected) as err:
+        store.verify(target, cfg)
+    assert "step-000002" in str(err.value)  # the older good checkpoint is named, and still there
+    assert store.verify(tmp_path / "ckpt" / "step-000002", cfg).step == 2
+
+
+def test_resume_with_a_different_config_names_the_keys(cfg, tmp_path):
+    store = CheckpointStore(tmp_path / "ckpt")
+    store.commit(stage(store, 2), 2, cfg)
+    changed = load_config(ROOT / "jobs" / "quickstart.yaml", ["rl.policy.kl_coef=0.5", "seed=3"])
+    with pytest.raises(CheckpointError, match=r"rl\.policy\.kl_coef, seed"):
+        store.verify(store.latest(), changed)
+    # where and how it runs may change on a resume: no error
+    moved = load_config(ROOT / "jobs" / "quickstart.yaml", ["ray.num_cpus=8", "rl.checkpoint.keep_last=5"])
+    assert store.verify(store.latest(), moved).step == 2
+    assert config_differences(cfg.model_dump(mode="json"), moved) == []
+    world = load_config(ROOT / "jobs" / "quickstart.yaml", ["world.seed=123"])
+    with pytest.raises(CheckpointError, match="another world"):
+        store.verify(store.latest(), world)
+
+
+def test_rewind_drops_the_rows_a_resume_repeats(cfg, tmp_path):
+    run = RunDir(tmp_path / "run", cfg)
+    run.log("rm/member0", 50, {"loss": 0.1})
+    for step in (1, 2, 3):
+        run.log("rl", step, {"kl": float(step)})
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "rl", "step": 4, "kl"')  # the line the kill cut short
+    assert run.rewind("rl", 2) == 2
+    run.log("rl", 3, {"kl": 3.5})
+    rows = run.metrics()
+    assert [(r["stage"], r["step"]) for r in rows] == [("rm/member0", 50), ("rl", 1), ("rl", 2), ("rl", 3)]
+    assert rows[-1]["kl"] == 3.5
+    assert run.rewind("rm", 0) == 1  # an interrupted rm stage runs again: its member rows go
+    assert {r["stage"] for r in run.metrics()} == {"rl"}
+    run.close()
