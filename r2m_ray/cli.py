@@ -21,7 +21,8 @@ COMMANDS = {
     "rm": "world (if needed) + reward-model stage",
     "rl": "RL stage (R2M / frozen RM, GRPO / RLOO): rl.policy_checkpoint=... rl.reward.checkpoint=...",
     "run": "the configured stages (default world → sft → rm)",
-    "eval": "accuracy of trained reward model(s): eval.checkpoints=[...]",
+    "eval": "accuracy of trained reward model(s): eval.checkpoints=[...]; "
+    "`eval bon`: best-of-n curves with one RM (eval.checkpoints=[rm] eval.bon.n=16 data.prompts=...)",
     "export": "export a reward model for AutoModelForSequenceClassification: "
     "eval.checkpoints=[dir] eval.export_dir=out",
     "compare": "many RM methods × seeds on one world → a results table: `r2m-ray compare jobs/rm_compare.yaml`",
@@ -92,6 +93,19 @@ def _cmd_eval(cfg: RunConfig, run_dir: str | None) -> dict:
     return summary
 
 
+def _cmd_bon(cfg: RunConfig, run_dir: str | None) -> dict:
+    from r2m_ray.pipelines.bon_eval import run_best_of_n
+    from r2m_ray.pipelines.full_run import base_model_dir, run_world
+    from r2m_ray.rundir import RunDir
+
+    run = RunDir.create(cfg, run_dir)
+    world = run_world(cfg, run) if cfg.data.prompts is None or cfg.model.preset == "tiny" else {}
+    policy = cfg.eval.bon.policy or cfg.rl.policy_checkpoint
+    result = run_best_of_n(cfg, run, Path(policy) if policy else base_model_dir(cfg), world)
+    run.close()
+    return result
+
+
 def _cmd_export(cfg: RunConfig) -> dict:
     from r2m_ray.models.export import export_sequence_classification
     from r2m_ray.models.registry import load_tokenizer
@@ -123,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             result = run_compare(Path(ns.args[0]), ns.run_dir, command="r2m-ray compare " + " ".join(ns.args))
             print(result["table"])
             return 0
-        config, overrides = _split_args(ns.args)
+        bon = ns.command == "eval" and ns.args[:1] == ["bon"]
+        config, overrides = _split_args(ns.args[1:] if bon else ns.args)
         resume = getattr(ns, "resume", None)
         if resume is not None:
             if ns.run_dir is not None and Path(ns.run_dir).resolve() != Path(resume).resolve():
@@ -148,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             stages = {"sft": ["world", "sft"], "rm": ["rm"], "rl": ["rl"], "run": None}[ns.command]
             run = run_pipeline(cfg, stages, ns.run_dir, resume=resume is not None)
             print_summary(run.summary)
+            return 0
+        if bon:
+            print(json.dumps(_cmd_bon(cfg, ns.run_dir)["curves"], indent=2))
             return 0
         if ns.command == "eval":
             summary = _cmd_eval(cfg, ns.run_dir)

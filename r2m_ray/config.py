@@ -69,6 +69,16 @@ class PrioritizerConfig(Section):
     num_cpus: float = Field(default=1.0, gt=0)
 
 
+class LoRAConfig(Section):
+    """Low-rank adapters on the RM backbone (peft); merged into the weights when saved."""
+
+    enabled: bool = False
+    r: int = Field(default=16, ge=1)
+    alpha: float = Field(default=32.0, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 class RMConfig(Section):
     """Reward-model stage: loss, GRM, baselines, prioritiser, learner group."""
 
@@ -85,10 +95,24 @@ class RMConfig(Section):
     max_steps: int | None = Field(default=None, ge=1)
     eval_batch_size: int = Field(default=64, ge=1)
     log_every: int = Field(default=10, ge=1)
+    # also write each trained member as an HF *ForSequenceClassification dir (checkpoints/rm-<m>-hf)
+    export_hf: bool = False
     grm: GRMConfig = GRMConfig()
     prioritizer: PrioritizerConfig = PrioritizerConfig()
+    lora: LoRAConfig = LoRAConfig()
     optim: OptimConfig = OptimConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+
+    @model_validator(mode="after")
+    def _lora_limits(self) -> RMConfig:
+        if self.lora.enabled:
+            if self.freeze_backbone:
+                raise ValueError("rm.lora.enabled and rm.freeze_backbone: choose one (LoRA trains adapters)")
+            if self.deepspeed.zero_stage == 3:
+                raise ValueError("rm.lora.enabled needs rm.deepspeed.zero_stage <= 2 (adapters are merged at save)")
+            if self.prioritizer.enabled:
+                raise ValueError("rm.lora.enabled with rm.prioritizer.enabled is not supported")
+        return self
 
 
 class SFTConfig(Section):
@@ -103,11 +127,24 @@ class SFTConfig(Section):
     temperature: float = Field(default=0.0, ge=0)
 
 
+class BestOfNConfig(Section):
+    """`r2m-ray eval bon`: n samples per prompt from the policy, the RM picks the best."""
+
+    n: int = Field(default=16, ge=1)  # samples per prompt; curves at n = 1, 2, 4, … , n
+    prompts: int = Field(default=32, ge=1)  # the first this many usable prompts of data.prompts
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_new_tokens: int = Field(default=64, ge=1)
+    policy: str | None = None  # the sampling policy; default rl.policy_checkpoint, else the model preset
+    judge: str | None = None  # a second, independently trained RM that scores the picked responses
+
+
 class EvalConfig(Section):
-    """`r2m-ray eval` and `r2m-ray export`: which trained reward model(s) to use."""
+    """`r2m-ray eval`, `eval bon` and `export`: which trained reward model(s) to use."""
 
     checkpoints: list[str] = []
     export_dir: str | None = None
+    bon: BestOfNConfig = BestOfNConfig()
 
 
 class RunConfig(Section):

@@ -58,6 +58,9 @@ def init_ray(cfg: RayConfig) -> dict[str, Any]:
         # gets 4 slots so learner ranks and the prioritiser can be placed side by side.
         num_cpus = cfg.num_cpus or max(4, os.cpu_count() or 1)
         ray.init(
+            # "local": always a new in-process cluster; without it ray.init joins whatever
+            # `ray start` cluster this machine last ran (/tmp/ray/ray_current_cluster)
+            address="local",
             num_cpus=num_cpus,
             include_dashboard=False,
             namespace=cfg.namespace,

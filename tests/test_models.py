@@ -219,6 +219,36 @@ def test_freeze_backbone_leaves_only_head_trainable(tiny_dir: Path, tokenizer) -
     assert rm.value_head[1].weight.grad is not None
 
 
+def test_lora_trains_adapters_only_and_saves_merged(tiny_dir: Path, tokenizer, tmp_path: Path) -> None:
+    """LoRA (peft): base weights frozen, adapters + value head train; the saved checkpoint holds the
+    merged weights, scores like the adapted model, and loads as a plain RewardModel."""
+    rm = RewardModel.from_backbone_dir(tiny_dir, head_hidden=32, seed=1)
+    base = {k: v.clone() for k, v in rm.backbone.state_dict().items()}
+    n_trainable = rm.add_lora(r=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    trainable = [n for n, p in rm.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or n.startswith("value_head.") for n in trainable)
+    assert n_trainable < sum(p.numel() for p in rm.parameters()) / 4
+    ids, mask, resp = batch(tokenizer, "right")
+    opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):  # lora_B starts at 0: it takes a step before the adapters change anything
+        opt.zero_grad()
+        rm(ids, mask, resp).rewards.pow(2).mean().backward()
+        opt.step()
+    rm.eval()
+    rm.save_pretrained(tmp_path / "rm", tokenizer)
+    assert (tmp_path / "rm" / "adapter" / "adapter_model.safetensors").is_file()
+    loaded = RewardModel.from_pretrained(tmp_path / "rm").eval()
+    assert not loaded.lora
+    with torch.no_grad():
+        a, b = rm(ids, mask, resp), loaded(ids, mask, resp)
+    assert torch.allclose(a.rewards, b.rewards, atol=1e-5) and torch.allclose(a.seq_logps, b.seq_logps, atol=1e-4)
+    merged = loaded.backbone.state_dict()
+    changed = [k for k in base if not torch.equal(base[k], merged[k])]
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)  # only the adapted matrices
+    with pytest.raises(ValueError, match="no modules named"):
+        RewardModel.from_backbone_dir(tiny_dir).add_lora(4, 8.0, 0.0, ["qkv_proj"])
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_export_linear_loads_without_remote_code(tiny_dir: Path, tokenizer, tmp_path: Path, side: str) -> None:
     rm = RewardModel.from_backbone_dir(tiny_dir, value_head="linear", seed=2).eval()

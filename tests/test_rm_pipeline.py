@@ -190,3 +190,45 @@ def test_frozen_backbone_baseline_trains_only_the_head(ray_session, tmp_path, ti
     fresh = RewardModel.from_backbone_dir(tiny_model_dir, seed=cfg.seed)
     head_after = RewardModel.from_pretrained(ckpt).value_head.state_dict()
     assert any(not torch.equal(v, head_after[k]) for k, v in fresh.value_head.state_dict().items())
+
+
+def test_lora_rm_stage_with_grm_sft(ray_session, tmp_path, tiny_model_dir):
+    """rm.lora on a DeepSpeed learner with the GRM-sft regulariser: only the adapted matrices move,
+    the checkpoint holds merged weights (+ adapter/) and is scored like any other."""
+    from safetensors.torch import load_file
+
+    cfg = _cfg(
+        tmp_path,
+        "stages=[world, rm]",
+        "rm.lora.enabled=true",
+        "rm.lora.target_modules=[q_proj, v_proj]",
+        "rm.grm.regulariser=sft",
+        "rm.max_steps=10",
+        "rm.optim.lr=1.0e-2",
+        "model.value_head=linear",
+        "rm.export_hf=true",
+    )
+    run = run_pipeline(cfg, run_dir=tmp_path / "lora")
+    ckpt = run.path / "checkpoints" / "rm-0"
+    assert (ckpt / "adapter" / "adapter_config.json").is_file()
+    init = {}
+    for f in tiny_model_dir.glob("*.safetensors"):
+        init.update(load_file(f))
+    trained = {}
+    for f in (ckpt / "backbone").glob("*.safetensors"):
+        trained.update(load_file(f))
+    changed = [k for k in init if k in trained and not torch.equal(init[k], trained[k])]
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
+    assert 0.0 <= run.summary["accuracy"]["id"] <= 1.0
+    # the HF export scores a pair like the checkpoint it came from
+    from transformers import AutoModelForSequenceClassification
+
+    from r2m_ray.models.reward_model import RewardModel
+
+    exported = AutoModelForSequenceClassification.from_pretrained(run.summary["exports"][0]).eval()
+    ours = RewardModel.from_pretrained(ckpt).eval()
+    ids = torch.tensor([[1, 5, 9, 14, 20, 7]])
+    with torch.no_grad():
+        theirs = exported(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.squeeze()
+        mine = ours(ids, torch.ones_like(ids)).rewards.squeeze()
+    assert torch.allclose(theirs, mine, atol=1e-4)

@@ -91,6 +91,9 @@ class RMLearner(LearnerRank):
         )
         if self.cfg.freeze_backbone:
             model.freeze_backbone()
+        lora = self.cfg.lora
+        if lora.enabled:
+            model.add_lora(lora.r, lora.alpha, lora.dropout, lora.target_modules)
         params = [p for p in model.parameters() if p.requires_grad]
         optim = torch.optim.AdamW(
             params, lr=self.cfg.optim.lr, betas=self.cfg.optim.betas, weight_decay=self.cfg.optim.weight_decay

