@@ -88,6 +88,9 @@ class RMConfig(Section):
     margin_column: str | None = None
     label_smoothing: float = Field(default=0.1, ge=0, lt=0.5)
     freeze_backbone: bool = False
+    # recompute each layer's activations in backward: more compute, far less memory (LoRA keeps
+    # extra activations per adapted matrix; measured numbers in docs/results.md)
+    gradient_checkpointing: bool = False
     ensemble: int = Field(default=1, ge=1)
     ensemble_reduce: Literal["mean", "min"] = "mean"
     batch_size: int = Field(default=32, ge=1)

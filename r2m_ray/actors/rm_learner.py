@@ -94,6 +94,9 @@ class RMLearner(LearnerRank):
         lora = self.cfg.lora
         if lora.enabled:
             model.add_lora(lora.r, lora.alpha, lora.dropout, lora.target_modules)
+        if self.cfg.gradient_checkpointing:
+            # non-reentrant: gradients reach LoRA adapters even though the embeddings are frozen
+            model.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         params = [p for p in model.parameters() if p.requires_grad]
         optim = torch.optim.AdamW(
             params, lr=self.cfg.optim.lr, betas=self.cfg.optim.betas, weight_decay=self.cfg.optim.weight_decay

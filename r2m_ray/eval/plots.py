@@ -21,6 +21,14 @@ def _smooth(values: list[float], k: int = 10) -> list[float]:
     return out
 
 
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_rm_training(history: list[dict[str, Any]], path: Path) -> Path:
     """Loss and batch accuracy against step (moving average over 10 steps)."""
     steps = list(range(1, len(history) + 1))
@@ -34,11 +42,7 @@ def plot_rm_training(history: list[dict[str, Any]], path: Path) -> Path:
     axes[1].plot(steps, _smooth([h["accuracy"] for h in history]))
     axes[1].set_xlabel("step")
     axes[1].set_title("train batch accuracy")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_curve(xs: list[float], series: dict[str, list[float]], path: Path, title: str, xlabel: str) -> Path:
@@ -49,11 +53,7 @@ def plot_curve(xs: list[float], series: dict[str, list[float]], path: Path, titl
     ax.set_xlabel(xlabel)
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_best_of_n(curves: dict[str, Any], path: Path) -> Path:
@@ -72,8 +72,4 @@ def plot_best_of_n(curves: dict[str, Any], path: Path) -> Path:
     axes[1].set_xscale("log", base=2)
     axes[1].set_xlabel("n")
     axes[1].set_title("response tokens of the best of n")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
