@@ -95,11 +95,11 @@ def _cmd_eval(cfg: RunConfig, run_dir: str | None) -> dict:
 
 def _cmd_bon(cfg: RunConfig, run_dir: str | None) -> dict:
     from r2m_ray.pipelines.bon_eval import run_best_of_n
-    from r2m_ray.pipelines.full_run import base_model_dir, run_world
+    from r2m_ray.pipelines.full_run import base_model_dir, needs_world, run_world
     from r2m_ray.rundir import RunDir
 
     run = RunDir.create(cfg, run_dir)
-    world = run_world(cfg, run) if cfg.data.prompts is None or cfg.model.preset == "tiny" else {}
+    world = run_world(cfg, run) if needs_world(cfg, ["rl"]) else {}  # bon reads prompts as the RL stage does
     policy = cfg.eval.bon.policy or cfg.rl.policy_checkpoint
     result = run_best_of_n(cfg, run, Path(policy) if policy else base_model_dir(cfg), world)
     run.close()

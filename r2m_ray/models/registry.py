@@ -105,6 +105,11 @@ def load_tokenizer(model_dir: Path | str, trust_remote_code: bool = False) -> Pr
     return tok
 
 
+def hidden_size(model_dir: Path | str) -> int:
+    """The model's hidden size, from its config.json (no weights loaded)."""
+    return int(json.loads((Path(model_dir) / "config.json").read_text())["hidden_size"])
+
+
 def load_causal_lm(
     model_dir: Path | str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
 ) -> PreTrainedModel:

@@ -29,7 +29,7 @@ from r2m_ray.algos.best_of_n import best_of_n_expectation, kl_bound, n_grid
 from r2m_ray.config import ConfigError, RunConfig
 from r2m_ray.data.tokenize import load_prompts, tokenize_prompts
 from r2m_ray.eval.plots import plot_best_of_n
-from r2m_ray.models.registry import load_tokenizer
+from r2m_ray.models.registry import hidden_size, load_tokenizer
 from r2m_ray.pipelines.preflight import check_model_dir, check_reward_checkpoint, check_rollout_model
 from r2m_ray.ray_setup import init_ray
 from r2m_ray.rl_config import RewardConfig
@@ -93,7 +93,7 @@ def run_best_of_n(cfg: RunConfig, run: RunDir, policy_dir: Path, world_paths: di
 
     # 3. score every sample: the picking RM, the judge, the gold reward (world prompts only)
     tick = time.perf_counter()
-    d_policy = json.loads((policy_dir / "config.json").read_text())["hidden_size"]
+    d_policy = hidden_size(policy_dir)
     scores = {"proxy": score(rm_dir, cfg, d_policy, msgs, texts).view(P, N)}
     if judge_dir:
         scores["judge"] = score(judge_dir, cfg, d_policy, msgs, texts).view(P, N)

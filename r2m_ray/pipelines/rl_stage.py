@@ -17,7 +17,6 @@ gold-labelled held-out pairs, and wall time per phase.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from r2m_ray.data.collate import pad_ids
 from r2m_ray.data.preference import load_preferences
 from r2m_ray.data.tokenize import load_prompts, tokenize_prompts
 from r2m_ray.eval.plots import plot_curve
-from r2m_ray.models.registry import load_tokenizer
+from r2m_ray.models.registry import hidden_size, load_tokenizer
 from r2m_ray.pipelines.preflight import preflight_rl
 from r2m_ray.pipelines.rl_actors import ACTOR_LOST, STAGE_LOST, ActorLost, RLActors, get_all
 from r2m_ray.ray_setup import check_resources
@@ -148,7 +147,7 @@ def run_rl_stage(
     check_resources(
         "rl.rollout (RolloutActor)", rl.rollout.num_actors, rl.rollout.num_cpus_per_actor, rl.rollout.num_gpus_per_actor
     )
-    d_policy = json.loads((policy_dir / "config.json").read_text())["hidden_size"]
+    d_policy = hidden_size(policy_dir)
     heldout = heldout_pairs(cfg, world_paths, rl.heldout_pairs)
     store = CheckpointStore(Path(rl.checkpoint.dir or run.path / "checkpoints" / "rl"), rl.checkpoint.keep_last)
     store.remove_partial()
