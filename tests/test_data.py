@@ -20,10 +20,11 @@ from r2m_ray.data import (
     load_sft,
     parse_transcript,
 )
+from tests.conftest import ROOT
 
-FIX = Path(__file__).parent / "fixtures" / "data"
-HH = Path("/work/shared/data/hh_rlhf_harmless_base_test.jsonl.gz")
-ALPACA = Path("/work/shared/data/alpaca_eval_instructions.jsonl")
+FIX = ROOT / "tests" / "fixtures" / "data"
+HH = ROOT / "data" / "hh_rlhf_harmless_base_test.jsonl.gz"
+ALPACA = ROOT / "data" / "alpaca_eval_instructions.jsonl"
 
 
 def user(text: str) -> dict[str, str]:

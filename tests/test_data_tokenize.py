@@ -26,9 +26,10 @@ from r2m_ray.data import (
     tokenize_prompts,
     tokenize_sft,
 )
+from tests.conftest import ROOT
 
-FIX = Path(__file__).parent / "fixtures" / "data"
-HH = Path("/work/shared/data/hh_rlhf_harmless_base_test.jsonl.gz")
+FIX = ROOT / "tests" / "fixtures" / "data"
+HH = ROOT / "data" / "hh_rlhf_harmless_base_test.jsonl.gz"
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"

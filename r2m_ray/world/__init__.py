@@ -1,6 +1,6 @@
 """The synthetic preference world: verifiable tasks, a gold reward, biased preference splits.
 
-See /work/shared/WORLD.md for what the world must show; `calibrate` measures it.
+See docs/results.md ("The synthetic world's calibration") for what the world must show; `calibrate` measures it.
 """
 
 from r2m_ray.world.build import (
