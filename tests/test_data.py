@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-from pathlib import Path
 
 import datasets
 import pytest

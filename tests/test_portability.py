@@ -32,12 +32,20 @@ def test_no_absolute_paths_outside_the_repository():
             text = f.read_text()
         except UnicodeDecodeError:
             continue
-        hits += [f"{f.relative_to(ROOT)}:{i}: {m.group(0)}" for i, line in enumerate(text.splitlines(), 1)
-                 for m in FOREIGN.finditer(line) if m.group(0) not in IN_IMAGE]
+        hits += [
+            f"{f.relative_to(ROOT)}:{i}: {m.group(0)}"
+            for i, line in enumerate(text.splitlines(), 1)
+            for m in FOREIGN.finditer(line)
+            if m.group(0) not in IN_IMAGE
+        ]
     assert not hits, "absolute paths outside the repository:\n" + "\n".join(hits)
 
 
 def test_the_real_data_sets_are_in_the_repository():
-    for name in ["hh_rlhf_harmless_base_test.jsonl.gz", "alpaca_eval_instructions.jsonl",
-                 "LICENSE.hh_rlhf", "LICENSE.alpaca_eval"]:
+    for name in [
+        "hh_rlhf_harmless_base_test.jsonl.gz",
+        "alpaca_eval_instructions.jsonl",
+        "LICENSE.hh_rlhf",
+        "LICENSE.alpaca_eval",
+    ]:
         assert (ROOT / "data" / name).stat().st_size > 0, name
