@@ -22,10 +22,12 @@ COMMANDS = {
     "rl": "RL stage (R2M / frozen RM, GRPO / RLOO): rl.policy_checkpoint=... rl.reward.checkpoint=...",
     "run": "the configured stages (default world → sft → rm)",
     "eval": "accuracy of trained reward model(s): eval.checkpoints=[...]; "
-    "`eval bon`: best-of-n curves with one RM (eval.checkpoints=[rm] eval.bon.n=16 data.prompts=...)",
+    "`eval bon`: best-of-n curves with one RM (eval.checkpoints=[rm] eval.bon.n=16 data.prompts=...); "
+    "`eval feedback eval.rl_run=RUN_DIR`: policy hidden-state similarity and the hacking detector on an RL run",
     "export": "export a reward model for AutoModelForSequenceClassification: "
     "eval.checkpoints=[dir] eval.export_dir=out",
-    "compare": "many RM methods × seeds on one world → a results table: `r2m-ray compare jobs/rm_compare.yaml`",
+    "compare": "methods × seeds → results tables: RM methods (`r2m-ray compare jobs/rm_compare.yaml`) or RL arms "
+    "over paired seeds (`r2m-ray compare jobs/overopt_compare.yaml`; --report-only --run-dir DIR rebuilds the tables)",
     "bench": "benchmarks writing JSON: `r2m-ray bench rm|rl [CONFIG] [overrides]`",
 }
 
@@ -42,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--out", default=None, help="JSON output path (default: bench_<what>.json in the run dir)")
         s.add_argument("args", nargs="*", help="[CONFIG.yaml] [key.sub=value ...]")
         s.add_argument("--run-dir", default=None, help="run directory (default: <output_dir>/<name>-<time>)")
+        if name == "compare":
+            s.add_argument(
+                "--report-only", action="store_true", help="rebuild the tables from --run-dir's finished runs"
+            )
         if name in ("sft", "rm", "rl", "run"):
             s.add_argument(
                 "--resume",
@@ -134,11 +140,14 @@ def main(argv: list[str] | None = None) -> int:
 
             if len(ns.args) != 1:
                 raise ConfigError("compare takes exactly one spec file, e.g. jobs/rm_compare.yaml")
-            result = run_compare(Path(ns.args[0]), ns.run_dir, command="r2m-ray compare " + " ".join(ns.args))
+            result = run_compare(
+                Path(ns.args[0]), ns.run_dir, command="r2m-ray compare " + " ".join(ns.args), report_only=ns.report_only
+            )
             print(result["table"])
             return 0
         bon = ns.command == "eval" and ns.args[:1] == ["bon"]
-        config, overrides = _split_args(ns.args[1:] if bon else ns.args)
+        feedback = ns.command == "eval" and ns.args[:1] == ["feedback"]
+        config, overrides = _split_args(ns.args[1:] if bon or feedback else ns.args)
         resume = getattr(ns, "resume", None)
         if resume is not None:
             if ns.run_dir is not None and Path(ns.run_dir).resolve() != Path(resume).resolve():
@@ -166,6 +175,19 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if bon:
             print(json.dumps(_cmd_bon(cfg, ns.run_dir)["curves"], indent=2))
+            return 0
+        if feedback:
+            from r2m_ray.pipelines.feedback_analysis import run_feedback_analysis
+            from r2m_ray.rundir import RunDir
+
+            run = RunDir.create(cfg.model_copy(update={"name": "feedback"}), ns.run_dir)
+            result = run_feedback_analysis(cfg, run)
+            run.close()
+            brief = {
+                name: {"gold": r["gold_reward"], "hacked_rate": r["hacked_rate"], "last_layer": r["layers"][-1]}
+                for name, r in result["policies"].items()
+            }
+            print(json.dumps(brief, indent=2, default=float))
             return 0
         if ns.command == "eval":
             summary = _cmd_eval(cfg, ns.run_dir)

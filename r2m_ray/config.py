@@ -143,11 +143,12 @@ class BestOfNConfig(Section):
 
 
 class EvalConfig(Section):
-    """`r2m-ray eval`, `eval bon` and `export`: which trained reward model(s) to use."""
+    """`r2m-ray eval`, `eval bon`, `eval feedback` and `export`: which trained models or run to use."""
 
     checkpoints: list[str] = []
     export_dir: str | None = None
     bon: BestOfNConfig = BestOfNConfig()
+    rl_run: str | None = None  # `eval feedback`: a finished RL run directory on the world's prompts
 
 
 class RunConfig(Section):

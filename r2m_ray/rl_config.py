@@ -115,13 +115,24 @@ class R2MConfig(Section):
     feedback: Literal["policy", "noise"] = "policy"  # noise = "w/ noise" ablation
     iterative: bool = False  # stale iterative-head baseline: train the scoring head on stale RTEs, no feedback
     lr: float = Field(default=1e-4, gt=0)  # paper: 1e-6 dialogue, 5e-7 TL;DR (8B models)
+    steps_per_update: int = Field(default=1, ge=1)  # AdamW steps of the head on each step's groups
+    # winner/loser of each group: `self` = by the annotation-time rewards (the paper's GREBT);
+    # `oracle` = by the world's gold reward on the same samples and h' (a control that bounds
+    # what policy feedback could do; world prompts only)
+    labels: Literal["self", "oracle"] = "self"
+    # a group whose labelling rewards all tie has no winner: leave it out of the update
+    skip_tied_groups: bool = True
     loss: GREBTConfig = GREBTConfig()
 
 
 class RewardConfig(Section):
-    """RewardAnnotator ×N over the frozen RM; `r2m` adds policy feedback."""
+    """RewardAnnotator ×N over the frozen RM; `r2m` adds policy feedback.
 
-    mode: Literal["frozen", "r2m"] = "r2m"
+    `gold` optimises the world's gold reward itself (an upper bound, world prompts only); the
+    frozen RM still scores every sample so its reward is logged beside gold.
+    """
+
+    mode: Literal["frozen", "r2m", "gold"] = "r2m"
     checkpoint: str | None = None  # RM checkpoint dir; default: this run's rm stage
     num_annotators: int = Field(default=1, ge=1)
     num_cpus_per_annotator: float = Field(default=1.0, gt=0)
@@ -179,6 +190,12 @@ class RLConfig(Section):
     policy: PolicyConfig = PolicyConfig()
     reward: RewardConfig = RewardConfig()
     heldout_pairs: int = Field(default=256, ge=0)  # gold-labelled pairs for RM accuracy before/after
+    # world prompts held out of training (the last N of the prompt set): at the end, samples of the
+    # final policy and of the starting policy on them give the gold win rate; 0 = no win rate
+    winrate_prompts: int = Field(default=64, ge=0)
+    # calibrate a hidden-state detector of reward hacking on the held-out pairs at every evaluation
+    # and log the share of each step's samples it flags (with gold: its precision and recall)
+    hacking_monitor: bool = True
     eval_every: int = Field(default=1, ge=1)  # RM accuracy on the held-out pairs every N steps (and last)
     # a step whose rewards or every policy loss are NaN/inf is skipped and counted; this many in a row stop the run
     max_nonfinite_steps: int = Field(default=3, ge=1)

@@ -31,6 +31,7 @@ SMALL_RL = [
     "rl.rollout.num_actors=1",
     "rl.rollout.max_new_tokens=8",
     "rl.heldout_pairs=32",
+    "rl.winrate_prompts=8",
     "rl.policy.micro_batch_size=16",
     "rl.reward.r2m.d_attn=32",
     "rl.rollout.enforce_eager=true",

@@ -145,6 +145,22 @@ def test_annotator_is_the_frozen_rm_at_t0_and_uses_feedback_later(
         r_c, r_r = direct["rewards"][::2], direct["rewards"][1::2]
         assert acc == pytest.approx(float(((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).mean()))
 
+        # held-out accuracy WITH policy feedback (chosen rows, then rejected rows, each pair within one
+        # prompt): the head at ω(t) on the RTEs and those rows' hidden states, by hand
+        c_idx, r_idx = [0, 1, 4, 5, 8, 9], [2, 3, 6, 7, 10, 11]
+        order = c_idx + r_idx
+        ref = ray.put({"hidden": h[order].to(torch.bfloat16), "mask": mask[order]})
+        pairs = ([msgs[i] for i in c_idx], [responses[i] for i in c_idx], [responses[i] for i in r_idx])
+        acc_fb = ray.get(ann.pairwise_accuracy.remote(*pairs, [ref], T_MID, T_TOTAL))
+        with torch.no_grad():
+            r_fb = head(out5["rte"][order], h[order], mask[order], 0.6)
+        assert (r_fb - direct["rewards"][order]).abs().max() > 1e-3  # the feedback path really changes scores
+        assert acc_fb == pytest.approx(
+            float(((r_fb[:6] > r_fb[6:]).float() + 0.5 * (r_fb[:6] == r_fb[6:]).float()).mean())
+        )
+        # annotate also returns the frozen RM's own rewards of the same rows
+        torch.testing.assert_close(out5["frozen_rewards"], direct["rewards"], atol=1e-6, rtol=0)
+
         # bad input: a NaN in row 7's real tokens gives a NaN reward for row 7 only, counted and
         # named (the driver then skips the step); r2m without feedback is refused
         bad = [c.copy() for c in feedback["chunks"]["h"]]
@@ -287,3 +303,29 @@ def test_head_learner_ablations(ray_session, small_cfg, rm_ckpt, rows, direct, f
         assert (out["rewards"] - direct["rewards"]).abs().max() > 1e-4  # φ was trained
     finally:
         _kill(iter_ann, *learners.values())
+
+
+def test_head_learner_steps_per_update_and_informative_groups(ray_session, small_cfg, rm_ckpt, direct, feedback):
+    """rl.reward.r2m.steps_per_update reaches the learner; only informative groups enter GREBT."""
+    from r2m_ray.algos.r2m import grebt_loss
+
+    rte, h2 = direct["rte"], feedback["h2_refs"]
+    winner, loser, _ = self_labelled_groups(direct["rewards"], K)
+    learner = RewardHeadLearner.remote(
+        rm_ckpt, _reward_json(small_cfg, lr=3e-3, steps_per_update=3), feedback["d_policy"], 0
+    )
+    try:
+        only_first = torch.tensor([True, False, False])
+        r = ray.get(learner.score.remote(rte, h2, T_MID, T_TOTAL)).view(-1, K)
+        hand, _ = grebt_loss(r[:1], winner[:1], loser[:1], 0.3)
+        stats = ray.get(learner.update.remote(rte, h2, K, winner, loser, T_MID, T_TOTAL, only_first))
+        assert stats["groups"] == 1 and stats["steps"] == 3 and stats["version"] == 1
+        assert stats["loss"] == pytest.approx(float(hand), rel=1e-5)  # group 0 alone, at the pre-update weights
+        none = ray.get(
+            learner.update.remote(rte, h2, K, winner, loser, T_MID, T_TOTAL, torch.zeros(3, dtype=torch.bool))
+        )
+        assert none["groups"] == 0 and none["steps"] == 0 and none["loss"] is None and none["version"] == 1
+        everything = ray.get(learner.update.remote(rte, h2, K, winner, loser, T_MID, T_TOTAL))
+        assert everything["groups"] == 3 and everything["steps"] == 3 and everything["version"] == 2
+    finally:
+        _kill(learner)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -21,21 +22,58 @@ def test_one_rl_run(trained, algo, mode):
     run = run_pipeline(cfg, run_dir=tmp / f"{algo}-{mode}")
     s = json.loads((run.path / "summary.json").read_text())["rl"]
     assert s["mode"] == mode and s["algo"] == algo and s["steps"] == 2
-    for key in ("gold_reward", "proxy_reward", "kl", "rm_accuracy", "tokens_per_second", "phase_seconds"):
-        assert key in s
     assert set(s["phase_seconds"]) == {"generate", "experience", "annotate", "policy", "head", "sync"}
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     rl_rows = [r for r in rows if r["stage"] == "rl"]
     assert [r["step"] for r in rl_rows] == [1, 2]
-    assert rl_rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # first epoch: policy == reference
-    assert rl_rows[1]["kl"] > 0  # after one update the policy has moved
-    assert 0.0 <= s["rm_accuracy"]["before"] <= 1.0
-    if mode == "r2m":
-        assert rl_rows[0]["omega"] == pytest.approx(1.0)  # t = 0: R2M is the frozen RM
-        assert "loss" in rl_rows[0]["head"]
+    first, second = rl_rows
+    assert first["kl"] == pytest.approx(0.0, abs=1e-4)  # first epoch: policy == reference
+    assert first["kl_seq"] == pytest.approx(0.0, abs=1e-5)  # the samples of step 1 come from the reference
+    assert second["kl"] > 0 and second["kl_seq"] > 0  # after one update the policy has moved
+    for r in rl_rows:  # gold is exactly its parts; the rates are rates
+        parts = r["gold_correctness"] - 0.05 * r["gold_excess_tokens"] - 0.2 * r["gold_phrase_rate"]
+        assert r["gold_reward"] == pytest.approx(parts, abs=1e-6)
+        assert 0 <= r["hacked_rate"] <= 1 and 0 <= r["agreement_gold_frozen_rm"] <= 1
+    # at t = 0 R2M is the frozen RM, so the optimised reward is the frozen RM's in every mode ...
+    assert first["proxy_reward"] == pytest.approx(first["frozen_rm_reward"], abs=1e-6)
+    assert first["agreement_gold"] == first["agreement_gold_frozen_rm"]
+    # ... and it stays so without feedback; with it, the trained head at ω(1) = 0.6 scores otherwise
+    if mode == "frozen":
+        assert second["proxy_reward"] == second["frozen_rm_reward"] and second["head"] == {}
+        assert s["rm_accuracy"] == s["rm_accuracy_no_feedback"]  # nothing trained: the same number
+        assert s["rm_accuracy"]["before"] == s["rm_accuracy"]["after"]
     else:
-        assert rl_rows[0]["head"] == {}
+        assert first["omega"] == pytest.approx(1.0) and second["omega"] == pytest.approx(0.6)
+        assert abs(second["proxy_reward"] - second["frozen_rm_reward"]) > 1e-4
+        assert first["head"]["groups"] >= 1 and first["head"]["steps"] == 1
+        assert second["rm_accuracy_feedback"] is not None  # the held-out pairs' policy forward at t = 2
+    assert 0.0 < s["rm_accuracy"]["before"] < 1.0
+    assert s["winrate_vs_start"]["prompts"] == 8 and 0 <= s["winrate_vs_start"]["win_rate"] <= 1
     assert list((run.path / "plots").glob("rl_gold_vs_proxy_*.png"))
+
+
+def test_gold_reward_arm_and_oracle_labels(trained):
+    """rl.reward.mode=gold optimises gold itself; labels=oracle trains the head on gold winners/losers."""
+    tmp, base = trained
+    gold_run = run_pipeline(rl_config(tmp, base, "rl.reward.mode=gold"), run_dir=tmp / "gold")
+    for r in [r for r in gold_run.metrics("rl")]:
+        assert r["proxy_reward"] == pytest.approx(r["gold_reward"], abs=1e-6)
+        assert r["agreement_gold"] == 1.0 or math.isnan(r["agreement_gold"])  # NaN: no gold order in any group
+        assert r["frozen_rm_reward"] != r["proxy_reward"] and r["head"] == {}
+    oracle = run_pipeline(
+        rl_config(tmp, base, "rl.reward.mode=r2m", "rl.reward.r2m.labels=oracle"), run_dir=tmp / "oracle"
+    )
+    rows = oracle.metrics("rl")
+    # the head's winner is gold's argmax and its loser gold's argmin in every group it trained on
+    assert [r["grebt_label_accuracy"] for r in rows] == [1.0, 1.0]
+    assert all(r["head"]["steps"] == 1 for r in rows)
+    with pytest.raises(Exception, match="gold reward"):
+        run_pipeline(
+            rl_config(
+                tmp, base, "rl.reward.mode=gold", f"data.prompts={ROOT / 'data' / 'alpaca_eval_instructions.jsonl'}"
+            ),
+            run_dir=tmp / "gold-user-prompts",
+        )
 
 
 def test_nan_rewards_skip_steps_then_stop_the_run(trained):

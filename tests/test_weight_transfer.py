@@ -60,7 +60,7 @@ def hf_greedy(model, prompt: list[int], eos: int) -> list[int]:
 
 
 def test_broadcast_puts_the_trained_policy_into_every_engine(ray_session, setup, tiny_model_dir, tmp_path):
-    from r2m_ray.pipelines.rl_stage import sequence_batch
+    from r2m_ray.pipelines.rl_actors import sequence_batch
 
     ray = ray_session
     engines, learner, prompts = setup

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -290,3 +292,43 @@ def test_corpus_covers_every_token() -> None:
     vocab = set(texts[0].split())
     assert {"the", "answer", "is", "i", "hope", "this", "helps", ".", "in", "min", "80"} <= vocab
     assert set(" ".join(texts[1:]).split()) <= vocab
+
+
+def test_lazy_mistakes_are_the_input_copied_or_the_first_number() -> None:
+    from r2m_ray.world.sampler import lazy_answer
+    from r2m_ray.world.tasks import Task
+
+    assert lazy_answer(Task("sort", ("3", "1", "2"))) == ["3", "1", "2"]
+    assert lazy_answer(Task("reverse", ("a", "b"))) == ["a", "b"]
+    assert lazy_answer(Task("add", ("4", "5"))) == ["4"]
+    assert lazy_answer(Task("max", ("4", "9", "2"))) == ["4"]
+    assert lazy_answer(Task("count", ("a", "b", "a"), "a")) == ["3"]
+
+
+def test_mixed_quality_sft_and_lazy_wrong_answers() -> None:
+    from r2m_ray.world.sampler import lazy_answer
+
+    cfg = WorldConfig.model_validate(
+        {
+            "sampler": {"p_lazy": 1.0},
+            "sft": {"p_correct": 0.5, "p_partial": 0.0, "p_wrong": 0.5, "p_repeat": 0.0, "p_filler": 0.0},
+            "splits": {"sft": 600, "train": 0, "test_id": 0, "test_ood": 0, "rl_prompts": 0},
+        }
+    )
+    sft = build_world(cfg)["sft"]
+    right = [
+        correctness(parse_task(p), parse_response(c, cfg)) == 1.0 for p, c in zip(sft["prompt"], sft["completion"])
+    ]
+    assert 0.4 < sum(right) / len(right) < 0.65  # half wrong, and a lazy answer is sometimes right by chance
+    for prompt, completion, ok in zip(sft["prompt"], sft["completion"], right):
+        if not ok:  # every wrong completion is the lazy mistake (after an optional lead-in)
+            answer = parse_response(completion, cfg).answers[0]
+            assert answer == lazy_answer(parse_task(prompt)), (prompt, completion)
+    # the default world is unchanged by the new keys (no extra random draws): this digest of its sft
+    # completions and training pairs was taken from the code before sft quality and p_lazy existed
+    plain = build_world(WorldConfig(splits={"sft": 50, "train": 20, "test_id": 0, "test_ood": 0, "rl_prompts": 0}))
+    texts = [*plain["sft"]["completion"], *plain["train"]["chosen"], *plain["train"]["rejected"]]
+    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
+    assert digest == "a375fd848510f623ba7474de0a2bddda9d2cbe2e1290a7f9cff2dfb6de0342f7"
+    with pytest.raises(ValidationError, match="p_correct"):
+        WorldConfig.model_validate({"sft": {"p_correct": 0.0}})

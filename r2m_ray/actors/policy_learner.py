@@ -16,8 +16,9 @@ Tensor conventions (every [B, T] tensor is aligned with `input_ids`):
 - position ids are counted over real tokens (`position_ids_from_mask`), as vLLM does; with
   right padding that is simply 0..len−1 and padding never influences real tokens.
 - the feedback payload behind a `hidden_ref` is `{"hidden": [B, T, D] in cfg.hidden_dtype, zero
-  on padding, "mask": [B, T] long (the attention mask)}` for that rank's rows: the format of
-  `r2m_ray.models.r2m_head.concat_feedback`. The ref is owned by the rank that put it.
+  on padding, "mask": [B, T] long (the attention mask), "response_mask": [B, T] long}` for that
+  rank's rows: the format of `r2m_ray.models.r2m_head.concat_feedback`. The ref is owned by the
+  rank that put it.
 
 `PolicyLearnerGroup` is the driver-side handle: it creates rank 0 first, reads its address
 and a free port, starts the other ranks, and slices each batch by rows, one `ray.put` per rank.
@@ -157,10 +158,10 @@ class PolicyLearner(LearnerRank):
         )
         return out.logits, out.hidden_states[-1]
 
-    def _put_hidden(self, parts: list[Tensor], attn: Tensor) -> ray.ObjectRef:
+    def _put_hidden(self, parts: list[Tensor], attn: Tensor, response_mask: Tensor) -> ray.ObjectRef:
         """Put the feedback h of this rank's rows once; consumers ray.get the ref themselves."""
         hidden = torch.cat(parts) * attn.unsqueeze(-1).to(self.hidden_dtype)
-        return ray.put({"hidden": hidden.cpu(), "mask": attn.long().cpu()})
+        return ray.put({"hidden": hidden.cpu(), "mask": attn.long().cpu(), "response_mask": response_mask.long().cpu()})
 
     @staticmethod
     def _check(batch: dict[str, Tensor], keys: tuple[str, ...]) -> int:
@@ -197,7 +198,7 @@ class PolicyLearner(LearnerRank):
         return {
             "old_logp": torch.cat(logps).cpu(),
             "entropy": ent_sum / max(ent_count, 1),
-            "hidden_ref": self._put_hidden(hidden, batch["attention_mask"]),
+            "hidden_ref": self._put_hidden(hidden, batch["attention_mask"], batch["response_mask"]),
             "rows": rows,
         }
 
@@ -273,7 +274,7 @@ class PolicyLearner(LearnerRank):
                     counts[k] = counts.get(k, 0) + 1
         out: dict[str, Any] = {k: sums[k] / counts[k] for k in sums}
         out.update(rows=rows, optimizer_steps=self.optimizer_steps, nonfinite_skipped=skipped)
-        out["hidden_ref"] = self._put_hidden(hidden, batch["attention_mask"])
+        out["hidden_ref"] = self._put_hidden(hidden, batch["attention_mask"], batch["response_mask"])
         return out
 
     def _any_rank_nonfinite(self, loss: Tensor) -> bool:

@@ -7,6 +7,7 @@ H_last with the frozen backbone — once per (rendered prompt, response), then f
 because the backbone never changes — and scores:
 
 - mode `frozen`:       r = RM(x, y)                         (hidden states ignored entirely)
+- mode `gold`:         scores as `frozen` (the driver optimises the world's gold and logs this)
 - mode `r2m`:          r = φ((1−ω)·CrossAttn(H_last, h) + ω·H_last),  ω = ω(t)
   - feedback `noise`:  h replaced by seeded Gaussian noise of h's shape and scale
   - `iterative`:       ω forced to 1 (no feedback); φ is still trained by the head learner
@@ -27,11 +28,12 @@ import ray
 import torch
 from torch import Tensor
 
+from r2m_ray.algos.feedback_similarity import PrototypeDetector
 from r2m_ray.algos.r2m import omega as omega_schedule
 from r2m_ray.data.collate import pad_ids
 from r2m_ray.data.schemas import RowProblem
 from r2m_ray.data.tokenize import encode_prompt_response, pad_token_id, render_prompt
-from r2m_ray.models.r2m_head import R2MHead, fetch_feedback, noise_seed, parse_reward_config
+from r2m_ray.models.r2m_head import R2MHead, fetch_feedback, fetch_pooled, noise_seed, parse_reward_config
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,7 @@ class RewardAnnotator:
         self.cache_size = cache_size
         self.version = 0
         self.stats = {"hits": 0, "misses": 0, "evictions": 0}
+        self.detector: PrototypeDetector | None = None  # the reward-hacking monitor (fit_detector)
 
     # ------------------------------------------------------------------ RTE
 
@@ -145,7 +148,7 @@ class RewardAnnotator:
     # --------------------------------------------------------------- scoring
 
     def _omega(self, t: int, T: int) -> float:
-        if self.cfg.mode == "frozen" or self.cfg.r2m.iterative:
+        if self.cfg.mode != "r2m" or self.cfg.r2m.iterative:
             return 1.0
         return float(omega_schedule(t, T, self.cfg.r2m.omega_floor))
 
@@ -154,7 +157,7 @@ class RewardAnnotator:
         """Rewards for RTEs under this actor's mode; hidden_refs None → the head without feedback."""
         w = self._omega(t, T)
         rte = rte.to(self.device)  # the cache (and every answer) stays on the CPU
-        if self.cfg.mode == "frozen":
+        if self.cfg.mode != "r2m":
             return self.rm.score_hidden(rte).cpu(), w
         if hidden_refs is None or w == 1.0:
             # ω = 1 makes Ĥ irrelevant; skip fetching and attending to h
@@ -166,10 +169,11 @@ class RewardAnnotator:
     def annotate(
         self, prompt_messages: list[list[dict]], responses: list[str], hidden_refs: list | None, t: int, T: int
     ) -> dict[str, Any]:
-        """Rewards for one RL step's rows → {"rewards" [B], "rte" [B, D_rm], "omega", "cache_hits", ...}.
+        """Rewards for one RL step's rows → {"rewards" [B], "frozen_rewards" [B], "rte" [B, D_rm], "omega", ...}.
 
         `hidden_refs`: refs of {"hidden": [b, S, D_p], "mask": [b, S]} in row order (required in
         `r2m` mode unless `iterative`; ignored in `frozen` mode). `rte` goes to the head learner.
+        `frozen_rewards` is the frozen RM's own reward of the same rows, whatever the mode.
         """
         needs_feedback = self.cfg.mode == "r2m" and not self.cfg.r2m.iterative
         if needs_feedback and hidden_refs is None:
@@ -178,11 +182,20 @@ class RewardAnnotator:
                 "pass them, or use mode=frozen / r2m.iterative=true"
             )
         rte, hits, computed = self._rte(prompt_messages, responses)
+        if hidden_refs is not None:  # fetched once: scoring and the hacking monitor both read them
+            hidden_refs = [ray.get(x) if isinstance(x, ray.ObjectRef) else x for x in hidden_refs]
         rewards, w = self._score(rte, hidden_refs if needs_feedback else None, t, T)
+        with torch.no_grad():
+            frozen = rewards if self.cfg.mode != "r2m" else self.rm.score_hidden(rte.to(self.device)).cpu()
         # counted, not raised: the driver skips the step and stops after rl.max_nonfinite_steps in a row
         bad_rows = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+        flags = None
+        if self.detector is not None and hidden_refs is not None:
+            flags = self.detector.flags(fetch_pooled(hidden_refs, len(responses)))
         return {
             "rewards": rewards,
+            "frozen_rewards": frozen,
+            "hacking_flags": flags,
             "nonfinite": len(bad_rows),
             "nonfinite_rows": bad_rows[:10],
             "rte": rte,
@@ -226,6 +239,31 @@ class RewardAnnotator:
             return float("nan")
         r_c, r_r = rewards[:n], rewards[n:]
         return float(((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).mean())
+
+    def fit_detector(
+        self, prompt_messages: list[list[dict]], chosen: list[str], rejected: list[str], hidden_refs: list
+    ) -> dict[str, int]:
+        """Calibrate the reward-hacking monitor (algos/feedback_similarity.PrototypeDetector).
+
+        The pairs are gold-labelled (chosen = gold-better); `hidden_refs` hold the current policy's
+        states of the chosen rows, then the rejected rows. A rejected response the frozen RM scores
+        above its chosen one is a hacked example, every chosen response a clean one. From then on
+        `annotate` flags the rows whose feedback is closer to the hacked prototype. Without any
+        hacked example the monitor is off until the next calibration.
+        """
+        n = len(chosen)
+        rte, _, _ = self._rte(list(prompt_messages) * 2, list(chosen) + list(rejected))
+        with torch.no_grad():
+            frozen = self.rm.score_hidden(rte.to(self.device)).cpu()
+        hacked_pair = frozen[n:] > frozen[:n]
+        if not hacked_pair.any():
+            self.detector = None
+            return {"hacked": 0, "clean": n}
+        pooled = fetch_pooled(hidden_refs, 2 * n)
+        keep = torch.cat([torch.ones(n, dtype=torch.bool), hacked_pair])
+        labels = torch.cat([torch.zeros(n, dtype=torch.bool), hacked_pair])
+        self.detector = PrototypeDetector.fit(pooled[keep], labels[keep])
+        return {"hacked": int(hacked_pair.sum()), "clean": n}
 
     # ------------------------------------------------------------- head sync
 

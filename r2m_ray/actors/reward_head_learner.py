@@ -65,14 +65,18 @@ class RewardHeadLearner:
         d_policy: int,
         seed: int,
         torch_threads: int = 1,
-        steps_per_update: int = 1,
+        steps_per_update: int | None = None,
         grad_clip: float | None = 1.0,
     ) -> None:
-        """Head from the checkpoint's value head + cross-attention seeded by `seed` (as the annotators')."""
+        """Head from the checkpoint's value head + cross-attention seeded by `seed` (as the annotators').
+
+        `steps_per_update`: AdamW steps per `update` (default rl.reward.r2m.steps_per_update).
+        """
         torch.set_num_threads(torch_threads)
+        self.cfg = parse_reward_config(cfg_json)
+        steps_per_update = self.cfg.r2m.steps_per_update if steps_per_update is None else steps_per_update
         if steps_per_update < 1:
             raise ValueError(f"steps_per_update must be >= 1, got {steps_per_update}")
-        self.cfg = parse_reward_config(cfg_json)
         r2m = self.cfg.r2m
         from r2m_ray.models.registry import actor_device
 
@@ -117,25 +121,37 @@ class RewardHeadLearner:
         loser_idx: Tensor,
         t: int,
         T: int,
+        informative: Tensor | None = None,
     ) -> dict[str, Any]:
         """GREBT step(s) on G groups of K consecutive rows → stats (floats; loss parts before the step).
 
+        `informative` [G] bool: only these groups enter the loss (a group whose labelling rewards
+        all tie has no winner); None = every group. With none left the head does not step.
         Keys: loss, bt, gre (at the pre-update weights), loss_after (after the last step),
-        grad_norm (before clipping), omega, steps (0 when r2m.train=false or a step was skipped
-        for a non-finite gradient), version. Fetch the weights with `head_state()`.
+        grad_norm (before clipping), omega, groups (used), steps (0 when r2m.train=false, no group
+        was informative, or a step was skipped for a non-finite gradient), version. Fetch the
+        weights with `head_state()`.
         """
         if group_size < 2 or rte.shape[0] % group_size:
             raise ValueError(f"{rte.shape[0]} rows do not split into groups of group_size={group_size} (>= 2)")
         groups = rte.shape[0] // group_size
-        winner = torch.as_tensor(winner_idx).long().to(self.device)
-        loser = torch.as_tensor(loser_idx).long().to(self.device)
+        keep = torch.ones(groups, dtype=torch.bool) if informative is None else torch.as_tensor(informative).bool()
+        if keep.shape != (groups,):
+            raise ValueError(f"informative must be [G]=[{groups}], got shape {tuple(keep.shape)}")
+        keep = keep.to(self.device)
+        if not keep.any():
+            nothing = {"loss": None, "bt": None, "gre": None, "loss_after": None, "grad_norm": 0.0}
+            return {**nothing, "omega": None, "groups": 0, "steps": 0, "version": self.version}
+        winner = torch.as_tensor(winner_idx).long().to(self.device)[keep]
+        loser = torch.as_tensor(loser_idx).long().to(self.device)[keep]
         rte, h, mask, w = self._inputs(rte, hidden_refs, t, T)
         loss_cfg = self.cfg.r2m.loss
 
         def loss_fn() -> tuple[Tensor, dict[str, float]]:
             r = self.head(rte, h, mask, w)
             nonfinite_check(r, "head scores")
-            return grebt_loss(r.view(groups, group_size), winner, loser, loss_cfg.alpha, loss_cfg.bt, loss_cfg.gre)
+            grouped = r.view(groups, group_size)[keep]
+            return grebt_loss(grouped, winner, loser, loss_cfg.alpha, loss_cfg.bt, loss_cfg.gre)
 
         if not self.cfg.r2m.train:
             with torch.no_grad():
@@ -145,6 +161,7 @@ class RewardHeadLearner:
                 "loss_after": parts["loss"],
                 "grad_norm": 0.0,
                 "omega": w,
+                "groups": int(keep.sum()),
                 "steps": 0,
                 "version": self.version,
             }
@@ -178,6 +195,7 @@ class RewardHeadLearner:
             "loss_after": after["loss"],
             "grad_norm": grad_norms[0],
             "omega": w,
+            "groups": int(keep.sum()),
             "steps": steps,
             "version": self.version,
         }

@@ -21,7 +21,8 @@ def _smooth(values: list[float], k: int = 10) -> list[float]:
     return out
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: plt.Figure, path: Path) -> Path:
+    """Write a figure as PNG (creating its folder) and close it."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -42,7 +43,7 @@ def plot_rm_training(history: list[dict[str, Any]], path: Path) -> Path:
     axes[1].plot(steps, _smooth([h["accuracy"] for h in history]))
     axes[1].set_xlabel("step")
     axes[1].set_title("train batch accuracy")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_curve(xs: list[float], series: dict[str, list[float]], path: Path, title: str, xlabel: str) -> Path:
@@ -53,7 +54,7 @@ def plot_curve(xs: list[float], series: dict[str, list[float]], path: Path, titl
     ax.set_xlabel(xlabel)
     ax.set_title(title)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_best_of_n(curves: dict[str, Any], path: Path) -> Path:
@@ -72,4 +73,4 @@ def plot_best_of_n(curves: dict[str, Any], path: Path) -> Path:
     axes[1].set_xscale("log", base=2)
     axes[1].set_xlabel("n")
     axes[1].set_title("response tokens of the best of n")
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -218,3 +218,22 @@ def nonfinite_check(rewards: Tensor, what: str = "rewards") -> None:
     bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
     if bad:
         raise ValueError(f"non-finite {what} in rows {bad} (of {rewards.numel()})")
+
+
+def fetch_pooled(hidden_refs: Sequence[Any], rows: int) -> Tensor:
+    """Policy feedback refs → each row's hidden state averaged over its response tokens [B, D_p].
+
+    The chunks must carry "response_mask" (the policy learner's payloads do).
+    """
+    import ray
+
+    from r2m_ray.algos.feedback_similarity import pooled_states
+
+    chunks = [ray.get(x) if isinstance(x, ray.ObjectRef) else x for x in hidden_refs]
+    missing = [i for i, c in enumerate(chunks) if not isinstance(c, Mapping) or "response_mask" not in c]
+    if missing:
+        raise ValueError(f"hidden_refs {missing}: no 'response_mask' in the feedback payload; cannot pool responses")
+    pooled = torch.cat([pooled_states(c["hidden"], c["response_mask"]) for c in chunks])
+    if pooled.shape[0] != rows:
+        raise ValueError(f"hidden_refs hold {pooled.shape[0]} rows of policy feedback for {rows} responses")
+    return pooled

@@ -1,11 +1,12 @@
-"""`r2m-ray compare SPEC.yaml`: many RM methods × seeds on one world, one results table.
+"""`r2m-ray compare SPEC.yaml`: many methods × seeds, one results table.
 
-The spec names a base job config, overrides for all runs, the seeds and the
-variants (each a list of dotted overrides). The world and the SFT warm-up are
-built once and shared; every (variant, seed) trains its own reward model in its
-own sub-directory. The table (mean ± std over seeds of ID / OOD accuracy and
-gold accuracy) is written as markdown between markers in the output file, with
-the command that produced it.
+The spec names a base job config, overrides for all runs, the seeds and the variants
+(each a list of dotted overrides). Without an `rl` stage in the base config the variants
+are reward-model methods: the world and the SFT warm-up are built once and shared, every
+(variant, seed) trains its own reward model, and the table (mean ± std over seeds of ID /
+OOD accuracy and gold accuracy) is written as markdown between markers in the output file,
+with the command that produced it. With an `rl` stage the variants are RL arms over paired
+seeds (rl_compare.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field
+from pydantic import Field, ValidationError, model_validator
 
 from r2m_ray.config import ConfigError, load_config
 from r2m_ray.config_base import Section
@@ -37,13 +38,38 @@ class CompareSpec(Section):
     variants: dict[str, list[str]]
     output: str = "docs/results.md"
     section: str = "rm_compare"
+    # RL arms (rl_compare.py): the keys set to each seed, the reward models trained per seed
+    # (name → overrides, e.g. world.bias.kind=none), which one each arm uses (default: the
+    # first), the arm paired differences are taken against, the KL budgets gold is read at
+    seed_keys: list[str] = ["seed", "world.seed", "model.seed"]
+    reward_models: dict[str, list[str]] = Field(default_factory=lambda: {"rm": []}, min_length=1)
+    arm_reward_model: dict[str, str] = {}
+    reference: str | None = None
+    kl_budgets: list[float] = [1.0, 4.0]
+    figures: str = "docs/figures"
+
+    @model_validator(mode="after")
+    def _names_exist(self) -> CompareSpec:
+        for arm, rm in self.arm_reward_model.items():
+            if arm not in self.variants:
+                raise ValueError(f"arm_reward_model: {arm!r} is not a variant")
+            if rm not in self.reward_models:
+                raise ValueError(
+                    f"arm_reward_model.{arm}: {rm!r} is not one of reward_models {list(self.reward_models)}"
+                )
+        if self.reference is not None and self.reference not in self.variants:
+            raise ValueError(f"reference: {self.reference!r} is not a variant")
+        return self
 
 
 def load_spec(path: Path) -> CompareSpec:
     """Read and validate a compare spec; base is resolved relative to the spec file."""
     if not path.is_file():
         raise ConfigError(f"compare spec not found: {path}")
-    spec = CompareSpec.model_validate(yaml.safe_load(path.read_text()))
+    try:
+        spec = CompareSpec.model_validate(yaml.safe_load(path.read_text()))
+    except ValidationError as err:
+        raise ConfigError(f"{path}: {err}") from None
     base = (path.parent / spec.base).resolve()
     return spec.model_copy(update={"base": str(base)})
 
@@ -88,36 +114,11 @@ def write_section(path: Path, section: str, body: str) -> None:
     path.write_text(text)
 
 
-def rl_results_table(rows: dict[str, list[dict[str, Any]]]) -> str:
-    """Markdown table of RL variants: mean ± std over seeds of the final-step numbers."""
-
-    def col(runs: list[dict[str, Any]], get: Any, digits: int = 3) -> str:
-        values = [v for v in (get(r) for r in runs) if v is not None]
-        if not values:
-            return "–"
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}"
-
-    lines = [
-        "| variant | gold initial | gold final | proxy final | proxy − gold | KL final | RM acc before | RM acc after |"
-        " seeds |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, runs in rows.items():
-        lines.append(
-            f"| {name} | {col(runs, lambda r: r['gold_reward']['initial'])} "
-            f"| {col(runs, lambda r: r['gold_reward']['final'])} | {col(runs, lambda r: r['proxy_reward']['final'])} "
-            f"| {col(runs, lambda r: r['proxy_reward']['final'] - r['gold_reward']['final'])} "
-            f"| {col(runs, lambda r: r['kl']['final'], 4)} | {col(runs, lambda r: r['rm_accuracy']['before'])} "
-            f"| {col(runs, lambda r: r['rm_accuracy']['after'])} | {len(runs)} |"
-        )
-    return "\n".join(lines)
-
-
-def run_compare(spec_path: Path, run_dir: str | None = None, command: str = "") -> dict[str, Any]:
+def run_compare(
+    spec_path: Path, run_dir: str | None = None, command: str = "", report_only: bool = False
+) -> dict[str, Any]:
     """Run every (variant, seed); write the table; return all summaries."""
     from r2m_ray.pipelines.full_run import base_model_dir, run_world
-    from r2m_ray.pipelines.rl_stage import run_rl_stage
     from r2m_ray.pipelines.rm_stage import run_rm_stage
     from r2m_ray.pipelines.sft_stage import run_sft_stage
 
@@ -128,7 +129,18 @@ def run_compare(spec_path: Path, run_dir: str | None = None, command: str = "") 
             load_config(spec.base, spec.overrides + ovr)
         except ConfigError as err:
             raise ConfigError(f"variant '{name}': {err}") from None
+    command = command or "r2m-ray compare " + str(spec_path)
+    if report_only and run_dir is None:
+        raise ConfigError("--report-only needs --run-dir: the comparison's run directory")
     root = RunDir.create(base_cfg.model_copy(update={"name": f"compare-{spec_path.stem}"}), run_dir)
+    if "rl" in base_cfg.stages:
+        from r2m_ray.pipelines.rl_compare import run_rl_compare
+
+        result = run_rl_compare(spec, root, command, report_only)
+        root.close()
+        return result
+    if report_only:
+        raise ConfigError("--report-only applies to RL comparisons (a base config with an rl stage)")
     t0 = time.perf_counter()
     world = run_world(base_cfg, root)
     model_dir = base_model_dir(base_cfg)
@@ -136,35 +148,25 @@ def run_compare(spec_path: Path, run_dir: str | None = None, command: str = "") 
     if "sft" in base_cfg.stages:
         rm_init, _ = run_sft_stage(base_cfg, root, model_dir, world)
     init_ray(base_cfg.ray)
-    # RL comparisons share one reward model (trained once with the base config): the variants
-    # differ only in how the policy is optimised against it.
-    rl_mode = "rl" in base_cfg.stages
-    rm_ckpt = Path(run_rm_stage(base_cfg, root, rm_init, world)["checkpoints"][0]) if rl_mode else None
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in spec.variants}
     for seed in spec.seeds:
         for name, ovr in spec.variants.items():
             cfg = load_config(spec.base, spec.overrides + ovr + [f"seed={seed}", f"rm.method={name}"])
             sub = RunDir.create(cfg, root.path / f"{name}-seed{seed}")
-            if rl_mode:
-                summary = run_rl_stage(cfg, sub, rm_init, rm_ckpt, world)
-            else:
-                summary = run_rm_stage(cfg, sub, rm_init, world)
+            summary = run_rm_stage(cfg, sub, rm_init, world)
             sub.close()
             rows[name].append(summary)
             log.info("compare %s seed %d done", name, seed)
             (root.path / "compare.json").write_text(json.dumps(rows, indent=2, default=float))
     minutes = (time.perf_counter() - t0) / 60
-    table = rl_results_table(rows) if rl_mode else results_table(rows)
+    table = results_table(rows)
     what = (
-        "Final-step gold and proxy reward (mean over the step's samples), KL to the reference, and the reward "
-        "model's pairwise accuracy on gold-labelled held-out pairs. Mean ± std over seeds."
-        if rl_mode
-        else "Accuracy = agreement with the split's (noisy, biased-sampled) labels; gold acc = agreement "
+        "Accuracy = agreement with the split's (noisy, biased-sampled) labels; gold acc = agreement "
         "with the world's gold preference. Mean ± std over seeds, in %."
     )
     body = (
-        f"Command: `{command or 'r2m-ray compare ' + str(spec_path)}` "
-        f"({len(spec.seeds)} seeds, {minutes:.0f} min on this machine; run dir `{root.path}`).\n{what}\n\n" + table
+        f"Command: `{command}` ({len(spec.seeds)} seeds, {minutes:.0f} min on this machine; run dir `{root.path}`).\n"
+        f"{what}\n\n" + table
     )
     write_section(Path(spec.output), spec.section, body)
     root.update_summary(None, {"table": table, "minutes": minutes})

@@ -1,4 +1,5 @@
-"""The actors of one RL attempt, and what the driver does when one of them fails.
+"""The actors of one RL attempt, how the driver spreads rollouts over them, and what it does when
+one of them fails.
 
 Two kinds of failure:
 - in place: Ray restarts a dead rollout engine, the annotator or the reference (`max_restarts`).
@@ -15,10 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 
 from r2m_ray.actors.policy_learner import PolicyLearnerGroup
 from r2m_ray.actors.reference import ReferenceActor
@@ -26,6 +29,7 @@ from r2m_ray.actors.reward_annotator import RewardAnnotator
 from r2m_ray.actors.reward_head_learner import RewardHeadLearner
 from r2m_ray.actors.rollout import RolloutActor
 from r2m_ray.config import RunConfig
+from r2m_ray.data.collate import pad_ids
 from r2m_ray.placement import PlacementPlan, actor_nodes, actor_processes
 
 log = logging.getLogger(__name__)
@@ -33,6 +37,60 @@ log = logging.getLogger(__name__)
 ACTOR_LOST = (ray.exceptions.RayActorError,)  # ActorDiedError, ActorUnavailableError
 STAGE_LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)  # + objects owned by a dead actor
 RESTART_TIMEOUT_S = 600  # a restarted engine reloads its model (and may recompile) before it answers
+
+
+def generate(
+    rollouts: list,
+    prompt_ids: list[list[int]],
+    cfg: RunConfig,
+    step: int,
+    recover: Callable[[int, BaseException], None] | None = None,
+) -> dict[str, list]:
+    """Spread prompts over the rollout actors; collect as each finishes (ray.wait); prompt order kept.
+
+    When an engine dies mid-call, `recover(i, err)` waits for Ray to restart actor i and restores
+    its weights, and the same chunk is sent again with the same seed: the step's samples are
+    the ones it would have had, none lost and none twice.
+    """
+    ro = cfg.rl.rollout
+    chunks = [list(range(i, len(prompt_ids), len(rollouts))) for i in range(len(rollouts))]
+
+    def submit(i: int) -> ray.ObjectRef:
+        return rollouts[i].generate.remote(
+            [prompt_ids[j] for j in chunks[i]],
+            ro.samples_per_prompt,
+            ro.temperature,
+            ro.top_p,
+            ro.max_new_tokens,
+            cfg.seed * 100_003 + step,
+        )
+
+    pending = {submit(i): i for i in range(len(rollouts)) if chunks[i]}
+    rows: list[tuple[int, int, dict]] = []
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(done[0])
+        try:
+            out = ray.get(done[0])
+        except ACTOR_LOST as err:
+            if recover is None:
+                raise
+            recover(i, err)
+            pending[submit(i)] = i
+            continue
+        for j in range(len(out["prompt_index"])):
+            row = {k: v[j] for k, v in out.items()}
+            rows.append((chunks[i][row["prompt_index"]], row["sample_index"], row))
+    rows.sort(key=lambda r: (r[0], r[1]))  # groups of K consecutive rows, one group per prompt
+    return {k: [r[2][k] if k != "prompt_index" else r[0] for r in rows] for k in rows[0][2]}
+
+
+def sequence_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+response ids with attention and response masks."""
+    seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
+    ids, attn = pad_ids(seqs, pad_id, side="right")
+    resp, _ = pad_ids([[0] * len(p) + [1] * len(r) for p, r in zip(prompt_ids, response_ids)], 0, side="right")
+    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
 
 
 class ActorLost(RuntimeError):

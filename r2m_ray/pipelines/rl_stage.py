@@ -11,15 +11,21 @@ Per step t of T:
   head        RewardHeadLearner: one GREBT update on h' with the annotation-time winners/losers;
               it and its load into the annotator overlap the next step's generate (actor
               calls keep their order, so the next annotate sees the new head)
-and logs proxy reward, gold reward, their gap, KL, length, entropy, RM accuracy on
-gold-labelled held-out pairs, and wall time per phase.
+and logs, on the step's own samples: the reward the policy optimised, the frozen RM's reward,
+gold and its parts, per-token and per-sequence KL, within-group order agreement with gold,
+the share of reward-hacked samples (rl_measure.py); RM accuracy on gold-labelled held-out
+pairs with and without policy feedback every rl.eval_every steps; wall time per phase; and
+at the end the final policy's gold win rate against the starting policy on held-out prompts.
+
+rl.reward.mode: `frozen` (the RM), `r2m` (the RM + the R2M head on policy feedback), `gold`
+(the world's gold reward: the upper bound). rl.reward.r2m.labels=oracle picks GREBT's
+winner/loser by gold instead of by the annotation-time rewards.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,91 +34,31 @@ import torch
 from datasets import Dataset
 
 from r2m_ray.actors.policy_learner import PolicyLearnerGroup
+from r2m_ray.actors.reward_head_learner import self_labelled_groups
 from r2m_ray.algos.policy_loss import grpo_advantages, rloo_advantages
-from r2m_ray.algos.r2m import self_labelled_pairs
 from r2m_ray.config import RunConfig
-from r2m_ray.data.collate import pad_ids
-from r2m_ray.data.preference import load_preferences
 from r2m_ray.data.tokenize import load_prompts, tokenize_prompts
 from r2m_ray.eval.plots import plot_curve
+from r2m_ray.eval.rl_metrics import label_accuracy, sequence_kl
 from r2m_ray.models.registry import hidden_size, load_tokenizer
 from r2m_ray.pipelines.preflight import preflight_rl
-from r2m_ray.pipelines.rl_actors import ACTOR_LOST, STAGE_LOST, ActorLost, RLActors, get_all
+from r2m_ray.pipelines.rl_actors import ACTOR_LOST, STAGE_LOST, ActorLost, RLActors, generate, get_all, sequence_batch
+from r2m_ray.pipelines.rl_measure import (
+    RLEvalData,
+    best_per_owner,
+    detector_metrics,
+    gold_step_metrics,
+    heldout_gold,
+    optimal_rows,
+    split_eval_data,
+    win_rate,
+)
 from r2m_ray.ray_setup import check_resources
 from r2m_ray.rl_checkpoint import CheckpointStore, DriverState
 from r2m_ray.rundir import RunDir
-from r2m_ray.world import gold_rewards
 
 log = logging.getLogger(__name__)
 PHASES = ("generate", "experience", "annotate", "policy", "sync", "head")
-
-
-def generate(
-    rollouts: list,
-    prompt_ids: list[list[int]],
-    cfg: RunConfig,
-    step: int,
-    recover: Callable[[int, BaseException], None] | None = None,
-) -> dict[str, list]:
-    """Spread prompts over the rollout actors; collect as each finishes (ray.wait); prompt order kept.
-
-    When an engine dies mid-call, `recover(i, err)` waits for Ray to restart actor i and restores
-    its weights, and the same chunk is sent again with the same seed: the step's samples are
-    the ones it would have had, none lost and none twice.
-    """
-    ro = cfg.rl.rollout
-    chunks = [list(range(i, len(prompt_ids), len(rollouts))) for i in range(len(rollouts))]
-
-    def submit(i: int) -> ray.ObjectRef:
-        return rollouts[i].generate.remote(
-            [prompt_ids[j] for j in chunks[i]],
-            ro.samples_per_prompt,
-            ro.temperature,
-            ro.top_p,
-            ro.max_new_tokens,
-            cfg.seed * 100_003 + step,
-        )
-
-    pending = {submit(i): i for i in range(len(rollouts)) if chunks[i]}
-    rows: list[tuple[int, int, dict]] = []
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        i = pending.pop(done[0])
-        try:
-            out = ray.get(done[0])
-        except ACTOR_LOST as err:
-            if recover is None:
-                raise
-            recover(i, err)
-            pending[submit(i)] = i
-            continue
-        for j in range(len(out["prompt_index"])):
-            row = {k: v[j] for k, v in out.items()}
-            rows.append((chunks[i][row["prompt_index"]], row["sample_index"], row))
-    rows.sort(key=lambda r: (r[0], r[1]))  # groups of K consecutive rows, one group per prompt
-    return {k: [r[2][k] if k != "prompt_index" else r[0] for r in rows] for k in rows[0][2]}
-
-
-def sequence_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded prompt+response ids with attention and response masks."""
-    seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
-    ids, attn = pad_ids(seqs, pad_id, side="right")
-    resp, _ = pad_ids([[0] * len(p) + [1] * len(r) for p, r in zip(prompt_ids, response_ids)], 0, side="right")
-    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
-
-
-def heldout_pairs(cfg: RunConfig, world_paths: dict[str, Path], n: int) -> dict[str, list] | None:
-    """Gold-labelled held-out pairs (the world's test_id), oriented so 'chosen' is gold-better."""
-    if n == 0 or "test_id" not in world_paths:
-        return None
-    ds = load_preferences(str(world_paths["test_id"]), cfg.data, split="rl_heldout").dataset
-    ds = ds.filter(lambda r: r["gold_chosen"] != r["gold_rejected"]).select(range(min(n, len(ds))))
-    better_c = [gc > gr for gc, gr in zip(ds["gold_chosen"], ds["gold_rejected"])]
-    return {
-        "prompt_messages": ds["prompt_messages"],
-        "chosen": [c if b else r for c, r, b in zip(ds["chosen"], ds["rejected"], better_c)],
-        "rejected": [r if b else c for c, r, b in zip(ds["chosen"], ds["rejected"], better_c)],
-    }
 
 
 def advantages(rewards: torch.Tensor, k: int, algo: str) -> torch.Tensor:
@@ -144,11 +90,16 @@ def run_rl_stage(
     prompts = tokenize_prompts(load_prompts(prompt_src, cfg.data), tokenizer, cfg.data)
     if len(prompts) < rl.prompts_per_step:
         raise ValueError(f"rl.prompts_per_step={rl.prompts_per_step} but only {len(prompts)} usable prompts")
+    if cfg.data.prompts is not None and (rl.reward.mode == "gold" or rl.reward.r2m.labels == "oracle"):
+        raise ValueError(
+            "rl.reward.mode=gold and rl.reward.r2m.labels=oracle need the world's gold reward: "
+            "they work on the world's prompts only (leave data.prompts unset)"
+        )
+    prompts, evals = split_eval_data(cfg, world_paths, tokenizer, prompts)
     check_resources(
         "rl.rollout (RolloutActor)", rl.rollout.num_actors, rl.rollout.num_cpus_per_actor, rl.rollout.num_gpus_per_actor
     )
     d_policy = hidden_size(policy_dir)
-    heldout = heldout_pairs(cfg, world_paths, rl.heldout_pairs)
     store = CheckpointStore(Path(rl.checkpoint.dir or run.path / "checkpoints" / "rl"), rl.checkpoint.keep_last)
     store.remove_partial()
     ckpt, state, resumed_from = None, DriverState(step=0), None
@@ -178,7 +129,7 @@ def run_rl_stage(
                 actors.restore(ckpt, state.step)
             state.startup_seconds += time.perf_counter() - tick
             state.stage_restarts, state.actor_restarts = stage_restarts, restarts
-            train_steps(cfg, run, actors, store, state, prompts, heldout, pad_id)
+            train_steps(cfg, run, actors, store, state, prompts, evals, pad_id)
             assert actors.learner is not None
             actors.learner.save(run.path / "checkpoints" / "policy", tokenizer_dir=policy_dir)
             break
@@ -211,19 +162,30 @@ def run_rl_stage(
         raise FloatingPointError(f"rl stage: every one of the {rl.steps} steps was skipped ({state.skipped})")
     if cfg.data.prompts is None:  # gold rewards exist for the world's prompts only
         steps = [h["step"] for h in history]  # skipped steps have no metrics to plot
-        curves = {"proxy": [h["proxy_reward"] for h in history], "gold": [h["gold_reward"] for h in history]}
+        curves = {
+            "optimised reward": [h["proxy_reward"] for h in history],
+            "frozen RM reward": [h["frozen_rm_reward"] for h in history],
+            "gold": [h["gold_reward"] for h in history],
+        }
         plots = run.path / "plots"
         plot_curve(steps, curves, plots / "rl_gold_vs_proxy_step.png", "gold vs proxy reward", "RL step")
-        kl = [h["kl"] for h in history]
-        plot_curve(kl, curves, plots / "rl_gold_vs_proxy_kl.png", "gold vs proxy reward", "KL to reference")
+        sqrt_kl = [max(h["kl_seq"], 0.0) ** 0.5 for h in history]
+        plot_curve(sqrt_kl, curves, plots / "rl_gold_vs_proxy_kl.png", "gold vs proxy reward", "√(sequence KL)")
     summary = {
         "mode": rl.reward.mode,
         "algo": rl.policy.algo,
+        "policy_start": str(policy_dir),  # what the run started from (eval feedback reads them back)
+        "reward_checkpoint": str(rm_ckpt),
         "steps": rl.steps,
         "gold_reward": {"initial": history[0].get("gold_reward"), "final": history[-1].get("gold_reward")},
         "proxy_reward": {"initial": history[0]["proxy_reward"], "final": history[-1]["proxy_reward"]},
         "kl": {"final": history[-1]["kl"]},
-        "rm_accuracy": {"before": state.acc_before, "after": history[-1]["rm_accuracy"]},
+        "kl_seq": {"final": history[-1]["kl_seq"]},
+        "frozen_rm_reward": {"initial": history[0]["frozen_rm_reward"], "final": history[-1]["frozen_rm_reward"]},
+        # at t = 0 ω = 1, so the reward has no feedback path: one "before" number for both
+        "rm_accuracy": {"before": state.acc_before, "after": history[-1]["rm_accuracy_feedback"]},
+        "rm_accuracy_no_feedback": {"before": state.acc_before, "after": history[-1]["rm_accuracy_no_feedback"]},
+        "winrate_vs_start": state.winrate,
         "tokens_per_second": state.tokens_total / max(state.seconds, 1e-9),
         "phase_seconds": {p: sum(h["phase_seconds"][p] for h in history) for p in PHASES},
         "seconds": state.seconds,
@@ -246,25 +208,59 @@ def train_steps(
     store: CheckpointStore,
     state: DriverState,
     prompts: Dataset,
-    heldout: dict[str, list] | None,
+    evals: RLEvalData,
     pad_id: int,
 ) -> None:
     """Steps state.step … rl.steps−1 with the given actors; `state` is updated in place and saved
     with every checkpoint."""
     rl, seed = cfg.rl, cfg.seed
-    K, T, mode = rl.rollout.samples_per_prompt, rl.steps, rl.reward.mode
+    K, T, mode, r2m = rl.rollout.samples_per_prompt, rl.steps, rl.reward.mode, rl.reward.r2m
     learner, reference, head_learner = actors.learner, actors.reference, actors.head_learner
     assert learner is not None and reference is not None
     has_gold = cfg.data.prompts is None
+    heldout = evals.heldout
+    feedback_path = mode == "r2m" and not r2m.iterative  # the reward reads policy hidden states
+    monitor = rl.hacking_monitor and heldout is not None  # the hidden-state detector of reward hacking
+    heldout_batch = sequence_batch(*evals.heldout_rows, pad_id) if evals.heldout_rows is not None else None
 
-    def rm_accuracy_ref(t: int) -> ray.ObjectRef | None:
+    def rm_accuracy_refs(t: int) -> dict[str, tuple] | None:
+        """Held-out RM accuracy at ω(t), left running: without feedback, and (when the reward reads it)
+        with the current policy's hidden states of the held-out pairs → {name: (ref, call args)}. The
+        same states recalibrate the hacking monitor."""
         if heldout is None:
             return None
-        return actors.annotator.pairwise_accuracy.remote(
-            heldout["prompt_messages"], heldout["chosen"], heldout["rejected"], None, t, T
-        )
+        args = (heldout["prompt_messages"], heldout["chosen"], heldout["rejected"])
+        calls = {"no_feedback": (*args, None, t, T)}
+        with_feedback = feedback_path and t > 0  # at t = 0, ω = 1: the feedback path has no weight
+        if with_feedback or monitor:
+            assert heldout_batch is not None
+            exp = get_all(learner.experience_async(heldout_batch), "policy learner (held-out feedback)")
+            hidden = [e["hidden_ref"] for e in exp]
+            if with_feedback:
+                calls["feedback"] = (*args, hidden, t, T)
+        refs = {name: (actors.annotator.pairwise_accuracy.remote(*a), a) for name, a in calls.items()}
+        if monitor:  # after the accuracy calls: annotate sees the new detector from the next step on
+            refs["detector"] = (actors.annotator.fit_detector.remote(*args, hidden), (*args, hidden))
+        return refs
 
-    def finish_step(t: int, metrics: dict[str, Any], head_refs: list, acc_ref: Any) -> None:
+    def collect_accuracy(refs: dict[str, tuple] | None) -> dict[str, float | None]:
+        out: dict[str, Any] = {"rm_accuracy_feedback": None, "rm_accuracy_no_feedback": None}
+        for name, (ref, call_args) in (refs or {}).items():
+            method, key = (
+                ("fit_detector", "detector_calibration")
+                if name == "detector"
+                else ("pairwise_accuracy", f"rm_accuracy_{name}")
+            )
+            try:
+                out[key] = ray.get(ref)
+            except ACTOR_LOST as err:  # a restarted annotator lost its detector too: calibrate again
+                actors.recover_annotator(err)
+                out[key] = actors.annotator_call(method, *call_args)
+        if refs and "feedback" not in refs:  # the reward has no feedback path: one number for both
+            out["rm_accuracy_feedback"] = out["rm_accuracy_no_feedback"]
+        return out
+
+    def finish_step(t: int, metrics: dict[str, Any], head_refs: list, acc_refs: Any) -> None:
         """Log step t once its head update and RM evaluation (left running) are done."""
         tick = time.perf_counter()
         metrics["step"] = t + 1
@@ -275,22 +271,17 @@ def train_steps(
             actors.recover_annotator(err)  # the restarted annotator gets the latest head
         metrics["phase_seconds"]["head"] += time.perf_counter() - tick
         metrics["tokens_per_second"] = metrics["n_tokens"] / max(sum(metrics["phase_seconds"].values()), 1e-9)
-        try:
-            metrics["rm_accuracy"] = ray.get(acc_ref) if acc_ref is not None else None
-        except ACTOR_LOST as err:
-            actors.recover_annotator(err)
-            metrics["rm_accuracy"] = actors.annotator_call(
-                "pairwise_accuracy", heldout["prompt_messages"], heldout["chosen"], heldout["rejected"], None, t + 1, T
-            )
+        metrics.update(collect_accuracy(acc_refs))
         state.history.append(metrics)
         run.log("rl", t + 1, metrics)
         log.info(
-            "rl step %d/%d proxy %.3f gold %s kl %.4f len %.1f (%.1fs)",
+            "rl step %d/%d reward %.3f frozen RM %.3f gold %s seq KL %.3f len %.1f (%.1fs)",
             t + 1,
             T,
             metrics["proxy_reward"],
+            metrics["frozen_rm_reward"],
             f"{metrics.get('gold_reward', float('nan')):.3f}",
-            metrics["kl"],
+            metrics["kl_seq"],
             metrics["response_length"],
             sum(metrics["phase_seconds"].values()),
         )
@@ -319,7 +310,10 @@ def train_steps(
         state.checkpoint_seconds += time.perf_counter() - tick
 
     if state.step == 0 and state.acc_before is None and heldout is not None:
-        state.acc_before = ray.get(rm_accuracy_ref(0))
+        state.acc_before = collect_accuracy(rm_accuracy_refs(0))["rm_accuracy_no_feedback"]
+    winrate_ids = evals.winrate_prompts["prompt_input_ids"] if evals.winrate_prompts is not None else None
+    if winrate_ids is not None and state.step == 0 and state.winrate_start_gold is None:  # engines: the start
+        state.winrate_start_gold = heldout_gold(actors, evals.winrate_prompts, cfg)
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
     unfinished: tuple | None = None  # (t, metrics, head refs, accuracy ref) of the previous step
     seconds_before, t_start = state.seconds, time.perf_counter()
@@ -349,9 +343,19 @@ def train_steps(
         hidden_refs = [e["hidden_ref"] for e in exp]
         ref_logp = ray.get(ref_logp_ref)
         phase["experience"], tick = time.perf_counter() - tick, time.perf_counter()
-        # 3. annotate (the annotator runs the previous step's load_head first: actor calls keep order)
-        ann = actors.annotator_call("annotate", msgs, samples["text"], hidden_refs if mode == "r2m" else None, t, T)
-        rewards = ann["rewards"]
+        # 3. annotate (the annotator runs the previous step's load_head first: actor calls keep order);
+        # with gold, the frozen RM also scores each prompt's gold-optimal answers (the hacking line)
+        feedback_refs = hidden_refs if mode == "r2m" or monitor else None
+        ann = actors.annotator_call("annotate", msgs, samples["text"], feedback_refs, t, T)
+        texts = [m[-1]["content"] for m in msgs]
+        if has_gold:
+            owners, opt_msgs, opt_texts = optimal_rows(rows["prompt"], cfg)
+            opt_rewards = actors.annotator_call("frozen_rm_rewards", opt_msgs, opt_texts)
+            best = best_per_owner(opt_rewards, owners, len(idx))[torch.tensor(samples["prompt_index"])]
+            gold, hacked, gold_metrics = gold_step_metrics(
+                texts, samples["text"], None if mode == "gold" else ann["rewards"], ann["frozen_rewards"], best, K, cfg
+            )
+        rewards = gold.float() if mode == "gold" else ann["rewards"]
         phase["annotate"], tick = time.perf_counter() - tick, time.perf_counter()
         if ann["nonfinite"]:  # nothing is learned from this batch: no policy, head or weight update
             detail = f"{ann['nonfinite']}/{len(rewards)} rewards are NaN/inf (rows {ann['nonfinite_rows']})"
@@ -373,21 +377,29 @@ def train_steps(
         # 6. sync: policy weights to every engine
         actors.sync_weights(t + 1)
         phase["sync"], tick = time.perf_counter() - tick, time.perf_counter()
-        # 7. GREBT head update on h', winners/losers from the annotation-time rewards. Not
-        # awaited: it runs while the next step generates; the annotator loads the new head
-        # before it annotates again (actor calls keep their order). Its wait, if any, is
-        # counted as "head" time when the next step collects it.
+        # 7. GREBT head update on h', winners/losers from the annotation-time rewards (or, as the
+        # oracle control, from gold). Not awaited: it runs while the next step generates; the
+        # annotator loads the new head before it annotates again (actor calls keep their order).
+        # Its wait, if any, is counted as "head" time when the next step collects it.
         head_refs = []
         if head_learner is not None:
-            winner, loser = self_labelled_pairs(rewards.view(-1, K))
-            head_refs.append(head_learner.update.remote(ann["rte"], new_hidden_refs, K, winner, loser, t, T))
+            labels = gold if r2m.labels == "oracle" else rewards
+            winner, loser, informative = self_labelled_groups(labels, K)
+            keep = informative if r2m.skip_tied_groups else None
+            if has_gold:
+                gold_metrics["grebt_label_accuracy"] = label_accuracy(gold.view(-1, K), winner, loser, keep)
+            head_refs.append(head_learner.update.remote(ann["rte"], new_hidden_refs, K, winner, loser, t, T, keep))
             head_refs.append(actors.annotator.load_head.remote(head_learner.head_state.remote(), t + 1))
             actors.head_version = t + 1
         phase["head"] = time.perf_counter() - tick
         # 8. metrics; logged when the head update and evaluation are done (next step or the end)
+        response_mask = batch["response_mask"]
         metrics = {
-            "proxy_reward": float(rewards.mean()),
-            "kl": policy_stats.get("kl", float("nan")),
+            "proxy_reward": float(rewards.mean()),  # the reward the policy optimised
+            "frozen_rm_reward": float(ann["frozen_rewards"].mean()),
+            "kl": policy_stats.get("kl", float("nan")),  # per token, over the training epochs
+            "kl_seq": sequence_kl(old_logp, ref_logp, response_mask, "k3"),  # the sampling policy's
+            "kl_seq_k1": sequence_kl(old_logp, ref_logp, response_mask, "k1"),
             "entropy": policy_stats.get("entropy"),
             "response_length": n_tokens / len(samples["text"]),
             "omega": ann.get("omega"),
@@ -396,11 +408,11 @@ def train_steps(
             "policy": policy_stats,
         }
         if has_gold:
-            gold = torch.tensor(gold_rewards([m[-1]["content"] for m in msgs], samples["text"], cfg.world))
-            metrics["gold_reward"] = float(gold.mean())
-            metrics["proxy_gold_gap"] = metrics["proxy_reward"] - metrics["gold_reward"]
+            metrics.update(gold_metrics)
+        if ann["hacking_flags"] is not None:
+            metrics.update(detector_metrics(ann["hacking_flags"], hacked if has_gold else None))
         evaluate = (t + 1) % rl.eval_every == 0 or t + 1 == T
-        unfinished = (t, metrics, head_refs, rm_accuracy_ref(t + 1) if evaluate else None)
+        unfinished = (t, metrics, head_refs, rm_accuracy_refs(t + 1) if evaluate else None)
         # 9. checkpoint: the step is finished first (its head update is part of the state)
         if every and ((t + 1) % every == 0 or t + 1 == T):
             finish_step(*unfinished)
@@ -408,4 +420,13 @@ def train_steps(
             save_checkpoint(t, seconds_before + time.perf_counter() - t_start)
     if unfinished is not None:
         finish_step(*unfinished)
+    if winrate_ids is not None and state.winrate_start_gold is not None and state.winrate is None:
+        final_gold = heldout_gold(actors, evals.winrate_prompts, cfg)
+        start, final = torch.tensor(state.winrate_start_gold), torch.tensor(final_gold)
+        state.winrate = {
+            "win_rate": win_rate(final, start),
+            "gold_start": float(start.mean()),
+            "gold_final": float(final.mean()),
+            "prompts": len(final_gold),
+        }
     state.step, state.seconds = T, seconds_before + time.perf_counter() - t_start

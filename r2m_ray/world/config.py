@@ -149,13 +149,18 @@ class SamplerConfig(Section):
 
     p_correct/p_partial/p_wrong are relative weights (normalised). `partial` is a
     near miss: a list with two items swapped, or a number off by 1..near_miss_max
-    (or the runner-up for max/min), which scalar tasks score 0.
+    (or the runner-up for max/min), which scalar tasks score 0. A wrong answer is the
+    lazy mistake with probability p_lazy, else a random one.
     """
 
     p_correct: float = Field(default=0.45, ge=0.0, le=1.0)
     p_partial: float = Field(default=0.30, ge=0.0, le=1.0)
     p_wrong: float = Field(default=0.25, ge=0.0, le=1.0)
     near_miss_max: int = Field(default=2, ge=1)
+    # share of wrong answers that are the LAZY mistake: the input copied back (sort, reverse), the
+    # first number (add, max, min), every letter counted (count). A systematic error that one
+    # global change of the policy removes and a reward model can check against the prompt.
+    p_lazy: float = Field(default=0.0, ge=0.0, le=1.0)
     lead_in: str = "the answer is"
     p_lead_in: float = Field(default=0.5, ge=0.0, le=1.0)
     p_filler: float = Field(default=0.25, ge=0.0, le=1.0)
@@ -175,12 +180,31 @@ class SamplerConfig(Section):
 
 
 class SftStyleConfig(Section):
-    """Style of sft completions (always correct). A little filler/repetition is kept so
-    the policy can express the verbosity a biased proxy RM rewards during RL."""
+    """Style and quality of sft completions. A little filler/repetition is kept so the policy
+    can express the verbosity a biased proxy RM rewards during RL.
+
+    Quality: correct by default. `p_correct` < 1 mixes in near misses and wrong answers
+    (relative weights p_correct : p_partial : p_wrong, as in the response sampler): a
+    mixed-quality SFT policy whose correctness RL can still raise, so that gold first rises
+    under a proxy that has also learned correctness (jobs/overopt.yaml).
+    """
 
     p_lead_in: float = Field(default=0.5, ge=0.0, le=1.0)
     p_filler: float = Field(default=0.1, ge=0.0, le=1.0)
     p_repeat: float = Field(default=0.1, ge=0.0, le=1.0)
+    p_correct: float = Field(default=1.0, ge=0.0, le=1.0)
+    p_partial: float = Field(default=0.0, ge=0.0, le=1.0)
+    p_wrong: float = Field(default=0.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _some_quality(self) -> SftStyleConfig:
+        if self.p_correct + self.p_partial + self.p_wrong <= 0:
+            raise ValueError("p_correct + p_partial + p_wrong must be > 0")
+        return self
+
+    def always_correct(self) -> bool:
+        """True when every completion is correct (then no quality is drawn: older worlds stay identical)."""
+        return self.p_partial == 0 and self.p_wrong == 0
 
 
 class GoldConfig(Section):

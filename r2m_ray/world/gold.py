@@ -84,6 +84,27 @@ def excess_tokens(task: Task, parsed: ParsedResponse, cfg: WorldConfig) -> int:
     return max(0, parsed.n_tokens - allowed)
 
 
+@dataclass(frozen=True)
+class GoldParts:
+    """The gold reward of one response and the terms it is made of."""
+
+    gold: float
+    correctness: float  # prompt-related, in [0, 1]
+    excess_tokens: int  # prompt-free: costs lambda_len each
+    has_phrase: bool  # prompt-free: costs lambda_phrase
+    n_tokens: int
+
+
+def gold_parts_for_task(task: Task, response: str, cfg: WorldConfig) -> GoldParts:
+    """Gold reward and its parts, with the task already parsed."""
+    parsed = parse_response(response, cfg)
+    right = correctness(task, parsed)
+    excess = excess_tokens(task, parsed, cfg)
+    value = right - cfg.gold.lambda_len * excess - cfg.gold.lambda_phrase * float(parsed.has_phrase)
+    # rounded so stored gold survives a JSON round trip and hand-computed values compare exactly
+    return GoldParts(round(float(value), 9), right, excess, parsed.has_phrase, parsed.n_tokens)
+
+
 def gold_reward(prompt: str, response: str, cfg: WorldConfig) -> float:
     """Gold reward of one response; raises ValueError only if `prompt` is not a world prompt."""
     return gold_reward_for_task(parse_task(prompt), response, cfg)
@@ -91,25 +112,31 @@ def gold_reward(prompt: str, response: str, cfg: WorldConfig) -> float:
 
 def gold_reward_for_task(task: Task, response: str, cfg: WorldConfig) -> float:
     """Gold reward with the task already parsed (the sampler's fast path)."""
-    parsed = parse_response(response, cfg)
-    value = (
-        correctness(task, parsed)
-        - cfg.gold.lambda_len * excess_tokens(task, parsed, cfg)
-        - cfg.gold.lambda_phrase * float(parsed.has_phrase)
-    )
-    # rounded so stored gold survives a JSON round trip and hand-computed values compare exactly
-    return round(float(value), 9)
+    return gold_parts_for_task(task, response, cfg).gold
 
 
-def gold_rewards(prompts: list[str], responses: list[str], cfg: WorldConfig) -> list[float]:
-    """Gold rewards of aligned prompt/response lists (prompts parsed once each)."""
+def gold_parts(prompts: list[str], responses: list[str], cfg: WorldConfig) -> list[GoldParts]:
+    """Gold rewards and their parts of aligned prompt/response lists (prompts parsed once each)."""
     if len(prompts) != len(responses):
         raise ValueError(f"prompts ({len(prompts)}) and responses ({len(responses)}) differ in length")
     tasks: dict[str, Task] = {}
-    out: list[float] = []
+    out: list[GoldParts] = []
     for prompt, response in zip(prompts, responses):
         task = tasks.get(prompt)
         if task is None:
             task = tasks[prompt] = parse_task(prompt)
-        out.append(gold_reward_for_task(task, response, cfg))
+        out.append(gold_parts_for_task(task, response, cfg))
     return out
+
+
+def gold_rewards(prompts: list[str], responses: list[str], cfg: WorldConfig) -> list[float]:
+    """Gold rewards of aligned prompt/response lists (prompts parsed once each)."""
+    return [p.gold for p in gold_parts(prompts, responses, cfg)]
+
+
+def optimal_responses(prompt: str, cfg: WorldConfig) -> list[str]:
+    """The responses with the highest possible gold (1.0): the minimal correct answer, bare and
+    (when the lead-in is free) after the lead-in. A proxy that ranks some other response above
+    all of them prefers what gold says is worse: the definition of a reward-hacked sample."""
+    answer = " ".join(parse_task(prompt).answer_tokens())
+    return [answer, f"{cfg.sampler.lead_in} {answer}"] if cfg.gold.free_lead_in else [answer]

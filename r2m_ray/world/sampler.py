@@ -28,6 +28,16 @@ def pick(cdf: list[float], rng: np.random.Generator) -> int:
     return len(cdf) - 1
 
 
+def lazy_answer(task: Task) -> list[str]:
+    """The systematic mistake: the input copied back (sort, reverse), the first number (add, max,
+    min), or every letter counted (count). It may by chance be right (a sorted input, say)."""
+    if task.family in ("sort", "reverse"):
+        return list(task.items)
+    if task.family == "count":
+        return [str(len(task.items))]
+    return [task.items[0]]
+
+
 class ResponseSampler:
     """Draws responses for tasks from one numpy Generator (so splits are reproducible)."""
 
@@ -37,6 +47,9 @@ class ResponseSampler:
         s = cfg.sampler
         weights = np.array([s.p_correct, s.p_partial, s.p_wrong], dtype=float)
         self._quality_cdf = np.cumsum(weights / weights.sum()).tolist()
+        sft = cfg.sft
+        sft_weights = np.array([sft.p_correct, sft.p_partial, sft.p_wrong], dtype=float)
+        self._sft_quality_cdf = np.cumsum(sft_weights / sft_weights.sum()).tolist()
         self._lead_in = s.lead_in
         self._phrase = cfg.bias.phrase
 
@@ -49,6 +62,8 @@ class ResponseSampler:
         target = task.answer_tokens()
         if quality == "correct":
             return target
+        if quality == "wrong" and self.cfg.sampler.p_lazy > 0 and self.rng.random() < self.cfg.sampler.p_lazy:
+            return lazy_answer(task)
         if task.family in SCALAR_FAMILIES:
             return [str(self._near_miss(task, int(target[0])) if quality == "partial" else self._wrong_scalar(task))]
         if quality == "partial":
@@ -107,6 +122,10 @@ class ResponseSampler:
         return self.render(self.answer(task, self.quality()), s.p_lead_in, s.p_repeat, s.p_filler)
 
     def sft_completion(self, task: Task) -> str:
-        """A correct completion in the sft style (mostly concise)."""
+        """A completion in the sft style (mostly concise): correct, or drawn from the sft quality mix."""
         s = self.cfg.sft
-        return self.render(task.answer_tokens(), s.p_lead_in, s.p_repeat, s.p_filler)
+        if s.always_correct():
+            answer = task.answer_tokens()
+        else:
+            answer = self.answer(task, QUALITIES[pick(self._sft_quality_cdf, self.rng)])
+        return self.render(answer, s.p_lead_in, s.p_repeat, s.p_filler)
