@@ -119,6 +119,7 @@ class DriverState:
     acc_before: float | None = None
     winrate_start_gold: list[list[float]] | None = None  # gold of the starting policy's held-out samples
     winrate: dict[str, float] | None = None  # the final policy against them (set when the stage ends)
+    detector: list[list[float]] | None = None  # the hacking monitor's prototypes (its last calibration)
     actor_restarts: dict[str, int] = field(default_factory=dict)
     stage_restarts: int = 0
     seconds: float = 0.0  # step-loop time before this checkpoint

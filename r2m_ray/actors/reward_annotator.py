@@ -242,14 +242,15 @@ class RewardAnnotator:
 
     def fit_detector(
         self, prompt_messages: list[list[dict]], chosen: list[str], rejected: list[str], hidden_refs: list
-    ) -> dict[str, int]:
+    ) -> dict[str, Any]:
         """Calibrate the reward-hacking monitor (algos/feedback_similarity.PrototypeDetector).
 
         The pairs are gold-labelled (chosen = gold-better); `hidden_refs` hold the current policy's
         states of the chosen rows, then the rejected rows. A rejected response the frozen RM scores
         above its chosen one is a hacked example, every chosen response a clean one. From then on
         `annotate` flags the rows whose feedback is closer to the hacked prototype. Without any
-        hacked example the monitor is off until the next calibration.
+        hacked example the monitor is off until the next calibration. Returns the counts and the
+        prototypes (`set_detector` takes them back: checkpoints and restarts keep the monitor).
         """
         n = len(chosen)
         rte, _, _ = self._rte(list(prompt_messages) * 2, list(chosen) + list(rejected))
@@ -258,12 +259,17 @@ class RewardAnnotator:
         hacked_pair = frozen[n:] > frozen[:n]
         if not hacked_pair.any():
             self.detector = None
-            return {"hacked": 0, "clean": n}
+            return {"hacked": 0, "clean": n, "prototypes": None}
         pooled = fetch_pooled(hidden_refs, 2 * n)
         keep = torch.cat([torch.ones(n, dtype=torch.bool), hacked_pair])
         labels = torch.cat([torch.zeros(n, dtype=torch.bool), hacked_pair])
         self.detector = PrototypeDetector.fit(pooled[keep], labels[keep])
-        return {"hacked": int(hacked_pair.sum()), "clean": n}
+        prototypes = [self.detector.hacked.tolist(), self.detector.clean.tolist()]
+        return {"hacked": int(hacked_pair.sum()), "clean": n, "prototypes": prototypes}
+
+    def set_detector(self, prototypes: list[list[float]] | None) -> None:
+        """Install the monitor's (hacked, clean) prototypes from an earlier `fit_detector` (None: off)."""
+        self.detector = None if prototypes is None else PrototypeDetector(*(torch.tensor(p) for p in prototypes))
 
     # ------------------------------------------------------------- head sync
 

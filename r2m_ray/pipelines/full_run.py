@@ -145,5 +145,15 @@ def print_summary(summary: dict[str, Any]) -> None:
         print(f"{'sft gold reward':>18}: {summary['sft']['gold_reward']}")
     if "rl" in summary:
         rl = summary["rl"]
-        for key in ("mode", "algo", "gold_reward", "proxy_reward", "kl", "rm_accuracy", "tokens_per_second"):
+        for key in (
+            "mode",
+            "algo",
+            "gold_reward",
+            "proxy_reward",
+            "frozen_rm_reward",
+            "kl_seq",
+            "rm_accuracy",
+            "winrate_vs_start",
+            "tokens_per_second",
+        ):
             print(f"{'rl ' + key:>18}: {rl[key]}")

@@ -134,6 +134,7 @@ class RLActors:
         self.pids: dict[str, list[int]] = {}  # role -> pid of each actor's current incarnation
         self.latest: dict[str, Any] = {"ref": None, "version": 0}  # the weights every engine must serve
         self.head_version = 0  # the head version the annotator must hold (0 = its initial head)
+        self.detector: list[list[float]] | None = None  # the hacking monitor the annotator must hold
         self.learner: PolicyLearnerGroup | None = None
         self.reference = self.annotator = self.head_learner = None
         # placed by rl.placement (one placement group per role) or, by default, by Ray's scheduler
@@ -229,6 +230,8 @@ class RLActors:
                 ray.get(self.annotator.load_head.remote(self.head_learner.head_state.remote(), self.head_version))
             except ACTOR_LOST as lost:
                 raise ActorLost(f"head learner lost while restoring the annotator's head ({lost})") from lost
+        if self.detector is not None:
+            ray.get(self.annotator.set_detector.remote(self.detector))
 
     def annotator_call(self, method: str, *args: Any) -> Any:
         """One annotator call, repeated on the restarted actor if it died (its answers are deterministic)."""
@@ -262,8 +265,9 @@ class RLActors:
         if self.head_learner is not None:
             get_all([self.head_learner.save_checkpoint.remote(str(path / "head"))], "head learner")
 
-    def restore(self, path: Path, version: int) -> None:
-        """Load a verified checkpoint into fresh actors: policy ranks, head learner → annotator, engines."""
+    def restore(self, path: Path, version: int, detector: list[list[float]] | None = None) -> None:
+        """Load a verified checkpoint into fresh actors: policy ranks, head learner → annotator, engines,
+        and the annotator's hacking monitor."""
         assert self.learner is not None
         self.learner.load_checkpoint(path / "policy")
         if self.head_learner is not None:
@@ -271,6 +275,9 @@ class RLActors:
             if version > 0:  # the loop labels the annotator's head with the step that trained it
                 self.head_version = version
                 self.annotator_call("load_head", self.head_learner.head_state.remote(), version)
+        if detector is not None:
+            self.detector = detector
+            self.annotator_call("set_detector", detector)
         if version > 0:
             self.sync_weights(version)
 

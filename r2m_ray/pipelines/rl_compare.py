@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ import yaml
 
 from r2m_ray.config import ConfigError, RunConfig, load_config
 from r2m_ray.eval.plots import save_figure
-from r2m_ray.eval.rl_report import band_on_grid, curve_stats, kl_curves, mean_ci, paired_difference
+from r2m_ray.eval.rl_report import WINDOW, band_on_grid, curve_stats, kl_curves, mean_ci, paired_difference
 from r2m_ray.rl_checkpoint import config_differences
 from r2m_ray.rundir import RunDir
 
@@ -119,27 +120,29 @@ def run_arms(spec: Any, root: Path) -> dict[str, list[dict[str, Any]]]:
                 sub = RunDir.create(cfg, path)
                 run_rl_stage(cfg, sub, sft_dir, rms[spec.arm_reward_model.get(arm, first_rm)], world)
                 sub.close()
-            results[arm].append(run_record(path, seed, spec.kl_budgets))
+            results[arm].append(run_record(path, seed, spec.kl_budgets, root))
             (root / f"{spec.section}.json").write_text(json.dumps(results, indent=1, default=float))
             log.info("compare: %s seed %d done", arm, seed)
     return results
 
 
-def run_record(path: Path, seed: int, kl_budgets: list[float]) -> dict[str, Any]:
-    """One run's statistics and the per-step curves the figure needs."""
+def run_record(path: Path, seed: int, kl_budgets: list[float], root: Path) -> dict[str, Any]:
+    """One run's statistics and the per-step curves the figure needs (its path relative to `root`)."""
     summary = json.loads((path / "summary.json").read_text())["rl"]
     history = _history(path)
     last_eval = [h for h in history if h.get("rm_accuracy_feedback") is not None]
-    record = {"seed": seed, "path": str(path), **curve_stats(history, kl_budgets)}
+    record = {"seed": seed, "path": str(path.relative_to(root)), **curve_stats(history, kl_budgets)}
     record.update(
         win_rate=(summary.get("winrate_vs_start") or {}).get("win_rate"),
         rm_accuracy_feedback=last_eval[-1]["rm_accuracy_feedback"] if last_eval else None,
         rm_accuracy_no_feedback=last_eval[-1]["rm_accuracy_no_feedback"] if last_eval else None,
-        late_agreement=float(np.mean([h["agreement_gold"] for h in history[-15:] if h.get("agreement_gold")])),
-        late_hacked=float(np.mean([h["hacked_rate"] for h in history[-15:]])),
+        late_agreement=float(np.nanmean([h.get("agreement_gold", math.nan) for h in history[-WINDOW:]])),
+        late_hacked=float(np.mean([h["hacked_rate"] for h in history[-WINDOW:]])),
         seconds=summary["seconds"],
     )
-    record["curves"] = {key: kl_curves(history, key) for key in ("gold_reward", "frozen_rm_reward")}
+    record["curves"] = {
+        key: [c.tolist() for c in kl_curves(history, key)] for key in ("gold_reward", "frozen_rm_reward")
+    }
     return record
 
 
@@ -240,7 +243,8 @@ def run_rl_compare(spec: Any, root: RunDir, command: str, report_only: bool = Fa
     if report_only:
         saved = json.loads((root.path / f"{spec.section}.json").read_text())
         results = {
-            arm: [run_record(Path(r["path"]), r["seed"], spec.kl_budgets) for r in runs] for arm, runs in saved.items()
+            arm: [run_record(root.path / r["path"], r["seed"], spec.kl_budgets, root.path) for r in runs]
+            for arm, runs in saved.items()
         }
     else:
         results = run_arms(spec, root.path)

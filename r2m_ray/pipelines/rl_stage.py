@@ -126,7 +126,7 @@ def run_rl_stage(
             # (model load, vLLM's first compile) is reported apart from the first step's generate
             placement = actors.wait_ready(run.path)
             if ckpt is not None:
-                actors.restore(ckpt, state.step)
+                actors.restore(ckpt, state.step, state.detector)
             state.startup_seconds += time.perf_counter() - tick
             state.stage_restarts, state.actor_restarts = stage_restarts, restarts
             train_steps(cfg, run, actors, store, state, prompts, evals, pad_id)
@@ -256,6 +256,8 @@ def train_steps(
             except ACTOR_LOST as err:  # a restarted annotator lost its detector too: calibrate again
                 actors.recover_annotator(err)
                 out[key] = actors.annotator_call(method, *call_args)
+        if "detector_calibration" in out:  # kept by the driver (checkpoints, restarts), not logged
+            state.detector = actors.detector = out["detector_calibration"].pop("prototypes")
         if refs and "feedback" not in refs:  # the reward has no feedback path: one number for both
             out["rm_accuracy_feedback"] = out["rm_accuracy_no_feedback"]
         return out
