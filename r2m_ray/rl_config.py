@@ -196,7 +196,9 @@ class RLConfig(Section):
     # calibrate a hidden-state detector of reward hacking on the held-out pairs at every evaluation
     # and log the share of each step's samples it flags (with gold: its precision and recall)
     hacking_monitor: bool = True
-    eval_every: int = Field(default=1, ge=1)  # RM accuracy on the held-out pairs every N steps (and last)
+    # RM accuracy on the held-out pairs (and the hacking monitor's calibration) every N steps and the last;
+    # each costs a policy forward over 2 × heldout_pairs sequences (the "eval" phase)
+    eval_every: int = Field(default=5, ge=1)
     # a step whose rewards or every policy loss are NaN/inf is skipped and counted; this many in a row stop the run
     max_nonfinite_steps: int = Field(default=3, ge=1)
     # CPUs the reference actor reserves; 0 = it shares (it runs while the policy learner waits)

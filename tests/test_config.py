@@ -68,3 +68,26 @@ def test_cross_field_rule_and_roundtrip(tmp_path):
     dumped = tmp_path / "c.yaml"
     dumped.write_text(dump_config(cfg))
     assert load_config(dumped) == cfg
+
+
+def test_compare_spec_names_are_checked(tmp_path):
+    import yaml
+
+    from r2m_ray.pipelines.compare import load_spec
+
+    good = {"base": "quickstart.yaml", "variants": {"a": [], "b": []}, "reward_models": {"biased": []}}
+    cases = [
+        ({"arm_reward_model": {"c": "biased"}}, "'c' is not a variant"),
+        ({"arm_reward_model": {"a": "nope"}}, "arm_reward_model.a: 'nope'"),
+        ({"reference": "z"}, "reference: 'z'"),
+        ({"arm_seeds": {"a": [7]}}, r"arm_seeds.a: \[7\] are not in seeds"),
+        ({"arm_seeds": {"q": [0]}}, "arm_seeds: 'q' is not a variant"),
+        ({"seedz": [1]}, "seedz"),
+    ]
+    for extra, message in cases:
+        path = tmp_path / "spec.yaml"
+        path.write_text(yaml.safe_dump({**good, **extra}))
+        with pytest.raises(ConfigError, match=message):
+            load_spec(path)
+    path.write_text(yaml.safe_dump(good))
+    assert load_spec(path).reward_models == {"biased": []}

@@ -20,7 +20,7 @@ def test_one_rl_run(trained, algo, mode):
     run = run_pipeline(cfg, run_dir=tmp / f"{algo}-{mode}")
     s = json.loads((run.path / "summary.json").read_text())["rl"]
     assert s["mode"] == mode and s["algo"] == algo and s["steps"] == 2
-    assert set(s["phase_seconds"]) == {"generate", "experience", "annotate", "policy", "head", "sync"}
+    assert set(s["phase_seconds"]) == {"generate", "experience", "annotate", "policy", "head", "sync", "eval"}
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     rl_rows = [r for r in rows if r["stage"] == "rl"]
     assert [r["step"] for r in rl_rows] == [1, 2]
@@ -95,7 +95,7 @@ def test_bench_rl_writes_json(ray_session, tmp_path):
     assert set(on_disk["variants"]) == {"frozen", "r2m", "r2m-collective"}
     for v in on_disk["variants"].values():
         assert v["steps"] == 2 and v["tokens_per_second"] > 0 and 0 < v["sync_share"] < 1
-        assert set(v["phase_seconds"]) == {"generate", "experience", "annotate", "policy", "head", "sync"}
+        assert set(v["phase_seconds"]) == {"generate", "experience", "annotate", "policy", "head", "sync", "eval"}
     frozen, r2m = on_disk["variants"]["frozen"], on_disk["variants"]["r2m"]
     assert on_disk["r2m_wall_time_ratio"] == pytest.approx(r2m["loop_seconds"] / frozen["loop_seconds"])
     assert on_disk["r2m_phase_time_ratio"] == pytest.approx(r2m["step_seconds_total"] / frozen["step_seconds_total"])

@@ -44,6 +44,7 @@ class CompareSpec(Section):
     seed_keys: list[str] = ["seed", "world.seed", "model.seed"]
     reward_models: dict[str, list[str]] = Field(default_factory=lambda: {"rm": []}, min_length=1)
     arm_reward_model: dict[str, str] = {}
+    arm_seeds: dict[str, list[int]] = {}  # arms run on a subset of the seeds (default: all of them)
     reference: str | None = None
     kl_budgets: list[float] = [1.0, 4.0]
     figures: str = "docs/figures"
@@ -57,6 +58,11 @@ class CompareSpec(Section):
                 raise ValueError(
                     f"arm_reward_model.{arm}: {rm!r} is not one of reward_models {list(self.reward_models)}"
                 )
+        for arm, seeds in self.arm_seeds.items():
+            if arm not in self.variants:
+                raise ValueError(f"arm_seeds: {arm!r} is not a variant")
+            if not set(seeds) <= set(self.seeds):
+                raise ValueError(f"arm_seeds.{arm}: {sorted(set(seeds) - set(self.seeds))} are not in seeds")
         if self.reference is not None and self.reference not in self.variants:
             raise ValueError(f"reference: {self.reference!r} is not a variant")
         return self

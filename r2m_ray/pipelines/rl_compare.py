@@ -112,6 +112,8 @@ def run_arms(spec: Any, root: Path) -> dict[str, list[dict[str, Any]]]:
     for seed in spec.seeds:
         world, sft_dir, rms = prepare_seed(spec, seed, root)
         for arm, overrides in spec.variants.items():
+            if seed not in spec.arm_seeds.get(arm, spec.seeds):
+                continue
             cfg: RunConfig = load_config(
                 spec.base, spec.overrides + overrides + [f"{k}={seed}" for k in spec.seed_keys]
             )
@@ -202,8 +204,10 @@ def tables(spec: Any, results: dict[str, list[dict[str, Any]]]) -> str:
         if arm == ref:
             continue
         cells = []
+        ref_by_seed = {r["seed"]: r for r in results[ref]}
+        paired = [(r, ref_by_seed[r["seed"]]) for r in results[arm] if r["seed"] in ref_by_seed]
         for _, key, d in PAIRED:
-            diff = paired_difference([r[key] for r in results[arm]], [r[key] for r in results[ref]])
+            diff = paired_difference([a[key] for a, _ in paired], [b[key] for _, b in paired])
             cells.append(f"{diff['mean']:+.{d}f} ± {diff['half_width']:.{d}f} ({diff['detectable']:.{d}f})")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines.append("")
@@ -230,7 +234,7 @@ def figure(spec: Any, results: dict[str, list[dict[str, Any]]], path: Path) -> P
             ax.fill_between(grid, mean - sd, mean + sd, color=line.get_color(), alpha=0.15)
     for ax, title in zip(axes, ("gold reward", "frozen RM reward")):
         ax.set_xlabel("√(sequence KL to the SFT policy)")
-        ax.set_title(f"{title} (mean ± sd over {len(spec.seeds)} seeds)")
+        ax.set_title(f"{title} (mean ± sd over seeds)")
     axes[0].legend(fontsize=7)
     return save_figure(fig, path)
 
@@ -254,7 +258,13 @@ def run_rl_compare(spec: Any, root: RunDir, command: str, report_only: bool = Fa
     table = tables(spec, results)
     seconds = sum(r["seconds"] for runs in results.values() for r in runs)
     body = (
-        f"Command: `{command}` ({len(spec.seeds)} paired seeds × {len(results)} arms; "
+        f"Command: `{command}` ({len(spec.seeds)} paired seeds × {len(results)} arms"
+        + (
+            f", {', '.join(spec.arm_seeds)} on seeds {sorted({s for v in spec.arm_seeds.values() for s in v})}"
+            if spec.arm_seeds
+            else ""
+        )
+        + "; "
         + (f"{minutes:.0f} min wall on this machine, " if not report_only else "")
         + f"{seconds / 60:.0f} min of RL step loops; run dir `{root.path}`). Curves smoothed over 15 steps; "
         f"KL = the sampling policy's sequence KL to the SFT policy. Figure: "

@@ -58,7 +58,7 @@ from r2m_ray.rl_checkpoint import CheckpointStore, DriverState
 from r2m_ray.rundir import RunDir
 
 log = logging.getLogger(__name__)
-PHASES = ("generate", "experience", "annotate", "policy", "sync", "head")
+PHASES = ("generate", "experience", "annotate", "policy", "sync", "head", "eval")
 
 
 def advantages(rewards: torch.Tensor, k: int, algo: str) -> torch.Tensor:
@@ -272,8 +272,10 @@ def train_steps(
         except ACTOR_LOST as err:
             actors.recover_annotator(err)  # the restarted annotator gets the latest head
         metrics["phase_seconds"]["head"] += time.perf_counter() - tick
-        metrics["tokens_per_second"] = metrics["n_tokens"] / max(sum(metrics["phase_seconds"].values()), 1e-9)
+        tick = time.perf_counter()
         metrics.update(collect_accuracy(acc_refs))
+        metrics["phase_seconds"]["eval"] += time.perf_counter() - tick
+        metrics["tokens_per_second"] = metrics["n_tokens"] / max(sum(metrics["phase_seconds"].values()), 1e-9)
         state.history.append(metrics)
         run.log("rl", t + 1, metrics)
         log.info(
@@ -414,7 +416,9 @@ def train_steps(
         if ann["hacking_flags"] is not None:
             metrics.update(detector_metrics(ann["hacking_flags"], hacked if has_gold else None))
         evaluate = (t + 1) % rl.eval_every == 0 or t + 1 == T
+        tick = time.perf_counter()  # the held-out evaluation: a policy forward over its pairs, then left running
         unfinished = (t, metrics, head_refs, rm_accuracy_refs(t + 1) if evaluate else None)
+        phase["eval"] = time.perf_counter() - tick
         # 9. checkpoint: the step is finished first (its head update is part of the state)
         if every and ((t + 1) % every == 0 or t + 1 == T):
             finish_step(*unfinished)
