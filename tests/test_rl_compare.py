@@ -74,6 +74,11 @@ def test_compare_writes_paired_tables_and_figure(compared):
     diff = paired_difference([r["late_gold"] for r in results["gold"]], [r["late_gold"] for r in results["frozen"]])
     row = next(line for line in text.splitlines() if line.startswith("| gold | ") and "±" in line and "(" in line)
     assert f"{diff['mean']:+.3f} ± {diff['half_width']:.3f} ({diff['detectable']:.3f})" in row
+    # the peak statement counts the seeds whose smoothed gold peaks strictly inside the run
+    inside = sum(r["rise"] > 0 and r["fall"] > 0 for r in results["frozen"])
+    statement = next(line for line in text.splitlines() if line.startswith("- `frozen`: "))
+    assert f"strictly inside the run in {inside} of 2 seeds" in statement
+    assert f"0: +{results['frozen'][0]['rise']:.3f}/" in statement
     assert (tmp / "figures" / "tiny_rl_gold_vs_kl.png").stat().st_size > 0
     # the tables are rebuilt from the finished runs without running anything again
     mtime = (root / "seed0" / "gold" / "metrics.jsonl").stat().st_mtime

@@ -141,6 +141,7 @@ def run_record(path: Path, seed: int, kl_budgets: list[float], root: Path) -> di
         late_agreement=float(np.nanmean([h.get("agreement_gold", math.nan) for h in history[-WINDOW:]])),
         late_hacked=float(np.mean([h["hacked_rate"] for h in history[-WINDOW:]])),
         seconds=summary["seconds"],
+        startup_seconds=summary.get("startup_seconds", 0.0),
     )
     record["curves"] = {
         key: [c.tolist() for c in kl_curves(history, key)] for key in ("gold_reward", "frozen_rm_reward")
@@ -212,11 +213,13 @@ def tables(spec: Any, results: dict[str, list[dict[str, Any]]]) -> str:
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines.append("")
     for arm in arms:
-        inside = sum(r["rise"] >= PEAK_MARGIN and r["fall"] >= PEAK_MARGIN for r in results[arm])
-        falls = sum(r["fall"] >= PEAK_MARGIN for r in results[arm])
+        runs = sorted(results[arm], key=lambda r: r["seed"])
+        inside = sum(r["rise"] > 0 and r["fall"] > 0 for r in runs)
+        clear = sum(r["rise"] >= PEAK_MARGIN and r["fall"] >= PEAK_MARGIN for r in runs)
+        per_seed = ", ".join(f"{r['seed']}: +{r['rise']:.3f}/−{r['fall']:.3f} @{r['peak_step']}" for r in runs)
         lines.append(
-            f"- `{arm}`: gold rises then falls by ≥ {PEAK_MARGIN} (smoothed) in "
-            f"{inside} of {len(results[arm])} seeds; falls by ≥ {PEAK_MARGIN} from its peak in {falls}."
+            f"- `{arm}`: smoothed gold peaks strictly inside the run in {inside} of {len(runs)} seeds, "
+            f"rising and falling by ≥ {PEAK_MARGIN} in {clear}; per seed rise/fall @ peak step: {per_seed}."
         )
     return "\n".join(lines)
 
@@ -257,6 +260,7 @@ def run_rl_compare(spec: Any, root: RunDir, command: str, report_only: bool = Fa
     fig_path = figure(spec, results, figures / f"{spec.section}_gold_vs_kl.png")
     table = tables(spec, results)
     seconds = sum(r["seconds"] for runs in results.values() for r in runs)
+    startup = sum(r["startup_seconds"] for runs in results.values() for r in runs)
     body = (
         f"Command: `{command}` ({len(spec.seeds)} paired seeds × {len(results)} arms"
         + (
@@ -265,8 +269,8 @@ def run_rl_compare(spec: Any, root: RunDir, command: str, report_only: bool = Fa
             else ""
         )
         + "; "
-        + (f"{minutes:.0f} min wall on this machine, " if not report_only else "")
-        + f"{seconds / 60:.0f} min of RL step loops; run dir `{root.path}`). Curves smoothed over 15 steps; "
+        + (f"{minutes:.0f} min wall on this machine in this invocation, " if not report_only else "")
+        + f"{seconds / 60:.0f} min of RL step loops and {startup / 60:.0f} min of RL actor start-up; run dir `{root.path}`). Curves smoothed over 15 steps; "
         f"KL = the sampling policy's sequence KL to the SFT policy. Figure: "
         f"[{fig_path.name}]({os.path.relpath(fig_path, Path(spec.output).parent)}).\n\n" + table
     )
