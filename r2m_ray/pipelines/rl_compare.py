@@ -270,7 +270,8 @@ def run_rl_compare(spec: Any, root: RunDir, command: str, report_only: bool = Fa
         )
         + "; "
         + (f"{minutes:.0f} min wall on this machine in this invocation, " if not report_only else "")
-        + f"{seconds / 60:.0f} min of RL step loops and {startup / 60:.0f} min of RL actor start-up; run dir `{root.path}`). Curves smoothed over 15 steps; "
+        + f"{seconds / 60:.0f} min of RL step loops and {startup / 60:.0f} min of RL actor start-up; "
+        f"run dir `{root.path}`). Curves smoothed over 15 steps; "
         f"KL = the sampling policy's sequence KL to the SFT policy. Figure: "
         f"[{fig_path.name}]({os.path.relpath(fig_path, Path(spec.output).parent)}).\n\n" + table
     )
