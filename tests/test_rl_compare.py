@@ -106,6 +106,13 @@ def test_eval_feedback_on_an_rl_run(compared, capsys):
         assert [r["layer"] for r in res["layers"]] == [0, 1, 2]  # embeddings + the tiny model's 2 layers
         for r in res["layers"]:
             assert -1.0 <= r["across"] <= 1.0 and -1.0 <= r["within"] <= 1.0
+    # the run's own monitor, averaged over the steps where it flagged something
+    rows = [json.loads(x) for x in open(rl_run / "metrics.jsonl") if '"stage": "rl"' in x]
+    flagged = [x for x in rows if x.get("detector_precision") is not None and math.isfinite(x["detector_precision"])]
+    assert result["monitor"]["steps"] == len(flagged)
+    if flagged:
+        expected = sum(x["hacked_rate"] for x in flagged) / len(flagged)
+        assert result["monitor"]["hacked_rate"] == pytest.approx(expected)
     assert (tmp / "feedback" / "plots" / "feedback_similarity.png").stat().st_size > 0
     assert main(["eval", "feedback", f"eval.rl_run={tmp}", "--run-dir", str(tmp / "feedback2")]) == 2
     assert "not a finished RL run" in capsys.readouterr().err

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from r2m_ray.algos.feedback_similarity import (
@@ -35,6 +37,7 @@ from r2m_ray.data.tokenize import encode_prompt_response
 from r2m_ray.eval.plots import save_figure
 from r2m_ray.models.registry import load_causal_lm, load_tokenizer
 from r2m_ray.models.reward_model import RewardModel, position_ids_from_mask
+from r2m_ray.pipelines.rl_compare import rl_history
 from r2m_ray.pipelines.rl_measure import best_per_owner, gold_step_metrics, heldout_pairs, optimal_rows
 from r2m_ray.pipelines.sft_stage import generate_answers
 from r2m_ray.rundir import RunDir
@@ -133,6 +136,17 @@ def analyse_policy(
     }
 
 
+def monitor_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The RL run's own hacking monitor (rl.hacking_monitor), averaged over the steps where it flagged
+    something: flag rate, precision and recall against the world's hacked labels, and the hacked base
+    rate of those steps (precision above it = the flags carry information)."""
+    rows = [h for h in history if math.isfinite(h.get("detector_precision") or math.nan)]
+    if not rows:
+        return {"steps": 0}
+    keys = ("detector_flag_rate", "detector_precision", "detector_recall", "hacked_rate")
+    return {"steps": len(rows), **{k: float(np.nanmean([h.get(k) or math.nan for h in rows])) for k in keys}}
+
+
 def plot_similarity(result: dict[str, Any], path: Path) -> Path:
     """Per layer: within − across cosine gap, similarity–RM-gap correlation, detector precision/recall."""
     import matplotlib.pyplot as plt
@@ -180,6 +194,7 @@ def run_feedback_analysis(cfg: RunConfig, run: RunDir) -> dict[str, Any]:
     result = {
         "rl_run": str(rl_run),
         "prompts": len(prompts),
+        "monitor": monitor_summary(rl_history(rl_run)),
         "policies": {
             name: analyse_policy(path, prompts, rm, rm_tok, heldout, rl_cfg) for name, path in policies.items()
         },

@@ -67,7 +67,8 @@ def _finished_rl(path: Path, cfg: RunConfig) -> bool:
     return False
 
 
-def _history(run_dir: Path) -> list[dict[str, Any]]:
+def rl_history(run_dir: Path) -> list[dict[str, Any]]:
+    """The logged RL steps of a run (skipped steps left out)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [r for r in rows if r.get("stage") == "rl" and "skipped" not in r]
 
@@ -131,7 +132,7 @@ def run_arms(spec: Any, root: Path) -> dict[str, list[dict[str, Any]]]:
 def run_record(path: Path, seed: int, kl_budgets: list[float], root: Path) -> dict[str, Any]:
     """One run's statistics and the per-step curves the figure needs (its path relative to `root`)."""
     summary = json.loads((path / "summary.json").read_text())["rl"]
-    history = _history(path)
+    history = rl_history(path)
     last_eval = [h for h in history if h.get("rm_accuracy_feedback") is not None]
     record = {"seed": seed, "path": str(path.relative_to(root)), **curve_stats(history, kl_budgets)}
     record.update(
