@@ -230,13 +230,15 @@ def figure(spec: Any, results: dict[str, list[dict[str, Any]]], path: Path) -> P
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for arm, runs in results.items():
+    colors = plt.get_cmap("tab20").colors  # more arms than the default cycle's 10 colours
+    for i, (arm, runs) in enumerate(results.items()):
         for ax, key in zip(axes, ("gold_reward", "frozen_rm_reward")):
             curves = [tuple(np.asarray(c) for c in r["curves"][key]) for r in runs]
             grid, mean, sd = band_on_grid(curves)
-            (line,) = ax.plot(grid, mean, label=arm)
-            ax.fill_between(grid, mean - sd, mean + sd, color=line.get_color(), alpha=0.15)
-    for ax, title in zip(axes, ("gold reward", "frozen RM reward")):
+            color = colors[(2 * i) % 20 + (2 * i) // 20 % 2]
+            ax.plot(grid, mean, label=arm, color=color)
+            ax.fill_between(grid, mean - sd, mean + sd, color=color, alpha=0.15)
+    for ax, title in zip(axes, ("gold reward", "the arm's frozen RM reward")):
         ax.set_xlabel("√(sequence KL to the SFT policy)")
         ax.set_title(f"{title} (mean ± sd over seeds)")
     axes[0].legend(fontsize=7)
