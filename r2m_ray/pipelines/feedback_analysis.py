@@ -140,11 +140,18 @@ def monitor_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
     """The RL run's own hacking monitor (rl.hacking_monitor), averaged over the steps where it flagged
     something: flag rate, precision and recall against the world's hacked labels, and the hacked base
     rate of those steps (precision above it = the flags carry information)."""
-    rows = [h for h in history if math.isfinite(h.get("detector_precision") or math.nan)]
+    rows = [h for h in history if _finite(h.get("detector_precision"))]
     if not rows:
         return {"steps": 0}
     keys = ("detector_flag_rate", "detector_precision", "detector_recall", "hacked_rate")
-    return {"steps": len(rows), **{k: float(np.nanmean([h.get(k) or math.nan for h in rows])) for k in keys}}
+    return {
+        "steps": len(rows),
+        **{k: float(np.nanmean([h[k] if _finite(h.get(k)) else math.nan for h in rows])) for k in keys},
+    }
+
+
+def _finite(value: Any) -> bool:
+    return value is not None and math.isfinite(value)
 
 
 def plot_similarity(result: dict[str, Any], path: Path) -> Path:
