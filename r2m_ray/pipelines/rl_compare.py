@@ -230,12 +230,13 @@ def figure(spec: Any, results: dict[str, list[dict[str, Any]]], path: Path) -> P
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    colors = plt.get_cmap("tab20").colors  # more arms than the default cycle's 10 colours
+    # tab20 holds 10 dark/light pairs: the dark ones first, then the light ones (more arms than 10)
+    colors = [*plt.get_cmap("tab20").colors[0::2], *plt.get_cmap("tab20").colors[1::2]]
     for i, (arm, runs) in enumerate(results.items()):
         for ax, key in zip(axes, ("gold_reward", "frozen_rm_reward")):
             curves = [tuple(np.asarray(c) for c in r["curves"][key]) for r in runs]
             grid, mean, sd = band_on_grid(curves)
-            color = colors[(2 * i) % 20 + (2 * i) // 20 % 2]
+            color = colors[i % len(colors)]
             ax.plot(grid, mean, label=arm, color=color)
             ax.fill_between(grid, mean - sd, mean + sd, color=color, alpha=0.15)
     for ax, title in zip(axes, ("gold reward", "the arm's frozen RM reward")):
