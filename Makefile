@@ -27,7 +27,7 @@ demo: setup
 	$(BIN)/r2m-ray run jobs/quickstart.yaml
 
 test: setup
-	$(BIN)/python -m pytest -q --timeout=1200 tests
+	$(BIN)/python -m pytest -q --timeout=1200 --durations=25 tests
 
 test-fast: setup
 	$(BIN)/python -m pytest -q --timeout=600 -m "not slow" tests

@@ -6,7 +6,9 @@ the rank-side base (`LearnerRank`) and the driver-side group handle (`LearnerGro
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
+import logging
 import os
 import tempfile
 import uuid
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def rendezvous_for(master_addr: str, master_port: int) -> str:
@@ -29,6 +33,34 @@ def rendezvous_for(master_addr: str, master_port: int) -> str:
     return f"tcp://{master_addr}:{master_port}"
 
 
+def load_cpu_comm_op() -> Path | None:
+    """Build or load DeepSpeed's CPU shared-memory comm op; returns its build directory.
+
+    torch guards a JIT build with a bare `lock` file that a killed builder leaves behind, and
+    every later DeepSpeed start then waits on it forever (a fresh suite hung 20 min in
+    RMLearner.init so). Our ranks first take an flock, which the kernel drops when its holder
+    dies: whoever holds it is the only one of ours building, so a `lock` found then is stale.
+    (A foreign DeepSpeed building in the same cache at that instant would lose its lock: set
+    TORCH_EXTENSIONS_DIR to keep caches apart.)
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return None
+    build_dir = Path(_get_build_directory(builder.name, verbose=False))
+    with open(build_dir / "r2m-build.flock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        stale = build_dir / "lock"
+        if stale.exists():
+            log.warning("removing %s, left by a DeepSpeed op build that was killed mid-way", stale)
+            stale.unlink()
+        builder.load(verbose=False)  # cached in the builder class: DeepSpeed's own load reuses it
+    return build_dir
+
+
 def init_distributed(rank: int, world_size: int, rendezvous: str, backend: str) -> str:
     """Let DeepSpeed create the process group (gloo on CPU, NCCL on GPU)."""
     import deepspeed
@@ -38,6 +70,8 @@ def init_distributed(rank: int, world_size: int, rendezvous: str, backend: str) 
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not torch.cuda.is_available():
+        load_cpu_comm_op()
     deepspeed.init_distributed(
         dist_backend=backend, auto_mpi_discovery=False, init_method=rendezvous, rank=rank, world_size=world_size
     )
