@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from r2m_ray.atomic_write import atomic_write_text
 from r2m_ray.config import RunConfig
 from r2m_ray.ray_setup import init_ray
-from r2m_ray.rundir import RunDir
+from r2m_ray.rundir import ExistPolicy, RunDir
 
 VARIANTS = {
     "bt": {"grm": {"regulariser": "none"}, "prioritizer": {"enabled": False}},
@@ -25,13 +26,15 @@ VARIANTS = {
 }
 
 
-def bench_rm(cfg: RunConfig, out: str | None = None, run_dir: str | None = None) -> dict[str, Any]:
+def bench_rm(
+    cfg: RunConfig, out: str | None = None, run_dir: str | None = None, exist: ExistPolicy = "new"
+) -> dict[str, Any]:
     """Train each variant for cfg.rm.max_steps (default 100) steps; return and write the JSON."""
     from r2m_ray.models.registry import load_tokenizer
     from r2m_ray.pipelines.full_run import base_model_dir, run_world
     from r2m_ray.pipelines.rm_stage import load_split, train_member
 
-    run = RunDir.create(cfg.model_copy(update={"name": f"bench-rm-{cfg.name}"}), run_dir)
+    run = RunDir.create(cfg.model_copy(update={"name": f"bench-rm-{cfg.name}"}), run_dir, exist)
     world = run_world(cfg, run) if cfg.data.train is None else {}
     model_dir = base_model_dir(cfg)
     tokenizer = load_tokenizer(model_dir)
@@ -71,13 +74,15 @@ def bench_rm(cfg: RunConfig, out: str | None = None, run_dir: str | None = None)
         "goals": {"grm_step_time_ratio": 1.10, "prioritizer_wall_time_ratio": 1.25},
     }
     path = Path(out) if out else run.path / "bench_rm.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
     report["json"] = str(path)
     run.close()
     return report
 
 
-def bench_rl(cfg: RunConfig, out: str | None = None, run_dir: str | None = None) -> dict[str, Any]:
+def bench_rl(
+    cfg: RunConfig, out: str | None = None, run_dir: str | None = None, exist: ExistPolicy = "new"
+) -> dict[str, Any]:
     """RL stage throughput: frozen RM vs R2M on the same SFT policy and RM; write and return the JSON.
 
     Reports tokens/s, per-phase seconds, the R2M wall-time ratio to vanilla over the whole
@@ -89,7 +94,7 @@ def bench_rl(cfg: RunConfig, out: str | None = None, run_dir: str | None = None)
     from r2m_ray.pipelines.rm_stage import run_rm_stage
     from r2m_ray.pipelines.sft_stage import run_sft_stage
 
-    run = RunDir.create(cfg.model_copy(update={"name": f"bench-rl-{cfg.name}"}), run_dir)
+    run = RunDir.create(cfg.model_copy(update={"name": f"bench-rl-{cfg.name}"}), run_dir, exist)
     world = run_world(cfg, run)
     policy_dir, _ = run_sft_stage(cfg, run, base_model_dir(cfg), world)
     init_ray(cfg.ray)
@@ -134,7 +139,7 @@ def bench_rl(cfg: RunConfig, out: str | None = None, run_dir: str | None = None)
         "goals": {"r2m_wall_time_ratio": 1.05, "sync_share_of_step": 0.10},
     }
     path = Path(out) if out else run.path / "bench_rl.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
     report["json"] = str(path)
     run.close()
     return report

@@ -14,13 +14,14 @@ import sys
 from pathlib import Path
 
 from r2m_ray.config import ConfigError, RunConfig, load_config
+from r2m_ray.rundir import ExistPolicy
 
 COMMANDS = {
     "world": "write the synthetic world's splits and print its calibration",
     "sft": "world + SFT warm-up of the policy",
     "rm": "world (if needed) + reward-model stage",
     "rl": "RL stage (R2M / frozen RM, GRPO / RLOO): rl.policy_checkpoint=... rl.reward.checkpoint=...",
-    "run": "the configured stages (default world → sft → rm)",
+    "run": "the config's `stages` in order (the packaged default and jobs/quickstart.yaml: world → sft → rm → rl)",
     "eval": "accuracy of trained reward model(s): eval.checkpoints=[...]; "
     "`eval bon`: best-of-n curves with one RM (eval.checkpoints=[rm] eval.bon.n=16 data.prompts=...); "
     "`eval feedback eval.rl_run=RUN_DIR`: policy hidden-state similarity and the hacking detector on an RL run",
@@ -48,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument(
                 "--report-only", action="store_true", help="rebuild the tables from --run-dir's finished runs"
             )
+        else:
+            s.add_argument(
+                "--force",
+                action="store_true",
+                help="--run-dir already holds a run: move it aside to <dir>.old-<time> (never deleted) and start anew",
+            )
         if name in ("sft", "rm", "rl", "run"):
             s.add_argument(
                 "--resume",
@@ -72,7 +79,7 @@ def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
     return config, overrides
 
 
-def _cmd_eval(cfg: RunConfig, run_dir: str | None) -> dict:
+def _cmd_eval(cfg: RunConfig, run_dir: str | None, exist: ExistPolicy) -> dict:
     from r2m_ray.models.registry import load_tokenizer
     from r2m_ray.pipelines.full_run import run_world
     from r2m_ray.pipelines.rm_stage import evaluate, load_split
@@ -83,7 +90,7 @@ def _cmd_eval(cfg: RunConfig, run_dir: str | None) -> dict:
     for c in cfg.eval.checkpoints:
         if not (Path(c) / "config.json").is_file() and not any(Path(c).glob("*.safetensors")):
             raise ConfigError(f"eval.checkpoints: {c} is not a reward-model checkpoint directory")
-    run = RunDir.create(cfg, run_dir)
+    run = RunDir.create(cfg, run_dir, exist)
     world = run_world(cfg, run) if cfg.data.test_id is None else {}
     tokenizer = load_tokenizer(Path(cfg.eval.checkpoints[0]))
     evals = {}
@@ -99,12 +106,12 @@ def _cmd_eval(cfg: RunConfig, run_dir: str | None) -> dict:
     return summary
 
 
-def _cmd_bon(cfg: RunConfig, run_dir: str | None) -> dict:
+def _cmd_bon(cfg: RunConfig, run_dir: str | None, exist: ExistPolicy) -> dict:
     from r2m_ray.pipelines.bon_eval import run_best_of_n
     from r2m_ray.pipelines.full_run import base_model_dir, needs_world, run_world
     from r2m_ray.rundir import RunDir
 
-    run = RunDir.create(cfg, run_dir)
+    run = RunDir.create(cfg, run_dir, exist)
     world = run_world(cfg, run) if needs_world(cfg, ["rl"]) else {}  # bon reads prompts as the RL stage does
     policy = cfg.eval.bon.policy or cfg.rl.policy_checkpoint
     result = run_best_of_n(cfg, run, Path(policy) if policy else base_model_dir(cfg), world)
@@ -149,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         feedback = ns.command == "eval" and ns.args[:1] == ["feedback"]
         config, overrides = _split_args(ns.args[1:] if bon or feedback else ns.args)
         resume = getattr(ns, "resume", None)
+        exist: ExistPolicy = "force" if getattr(ns, "force", False) else "new"
+        if resume is not None and exist == "force":
+            raise ConfigError("give --resume (continue the run) or --force (move it aside and start anew), not both")
         if resume is not None:
             if ns.run_dir is not None and Path(ns.run_dir).resolve() != Path(resume).resolve():
                 raise ConfigError("give --resume RUN_DIR or --run-dir, not two different directories")
@@ -161,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             from r2m_ray.pipelines.full_run import run_world
             from r2m_ray.rundir import RunDir
 
-            run = RunDir.create(cfg, ns.run_dir)
+            run = RunDir.create(cfg, ns.run_dir, exist)
             run_world(cfg, run)
             print(f"world written to {run.path / 'world'}")
             run.close()
@@ -170,17 +180,17 @@ def main(argv: list[str] | None = None) -> int:
             from r2m_ray.pipelines.full_run import print_summary, run_pipeline
 
             stages = {"sft": ["world", "sft"], "rm": ["rm"], "rl": ["rl"], "run": None}[ns.command]
-            run = run_pipeline(cfg, stages, ns.run_dir, resume=resume is not None)
+            run = run_pipeline(cfg, stages, ns.run_dir, resume=resume is not None, force=exist == "force")
             print_summary(run.summary)
             return 0
         if bon:
-            print(json.dumps(_cmd_bon(cfg, ns.run_dir)["curves"], indent=2))
+            print(json.dumps(_cmd_bon(cfg, ns.run_dir, exist)["curves"], indent=2))
             return 0
         if feedback:
             from r2m_ray.pipelines.feedback_analysis import run_feedback_analysis
             from r2m_ray.rundir import RunDir
 
-            run = RunDir.create(cfg.model_copy(update={"name": "feedback"}), ns.run_dir)
+            run = RunDir.create(cfg.model_copy(update={"name": "feedback"}), ns.run_dir, exist)
             result = run_feedback_analysis(cfg, run)
             run.close()
             brief = {
@@ -190,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(brief, indent=2, default=float))
             return 0
         if ns.command == "eval":
-            summary = _cmd_eval(cfg, ns.run_dir)
+            summary = _cmd_eval(cfg, ns.run_dir, exist)
             print(json.dumps(summary["accuracy"], indent=2))
             return 0
         if ns.command == "export":
@@ -199,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "bench":
             from r2m_ray.bench import bench_rl, bench_rm
 
-            result = (bench_rm if ns.what == "rm" else bench_rl)(cfg, ns.out, ns.run_dir)
+            result = (bench_rm if ns.what == "rm" else bench_rl)(cfg, ns.out, ns.run_dir, exist)
             print(json.dumps(result, indent=2))
             return 0
     except (ConfigError, ValueError, FileNotFoundError) as err:

@@ -212,4 +212,7 @@ class RLConfig(Section):
     # whose max_restarts are spent) makes the driver restart the stage from the last checkpoint,
     # at most this many times per run
     max_stage_restarts: int = Field(default=2, ge=0)
+    # longest the driver waits on a generate or a learner call before it counts the actor as
+    # lost (hung, not dead: a stuck collective, a stopped process) and restarts the stage
+    wait_timeout_s: float = Field(default=1800.0, gt=0)
     policy_checkpoint: str | None = None  # policy to start from; default: this run's SFT checkpoint

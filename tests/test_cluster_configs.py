@@ -1,7 +1,8 @@
 """Shipped cluster configs: Ray's own launcher schema, the security rules, KubeRay structure.
 
 No cluster is started. Each rule is a function returning a list of problems, and every rule has a
-negative test that mutates a shipped config and expects the problem to be reported.
+negative test that mutates a shipped config and expects the problem to be reported. The network rules
+(AWS security group, GCP network, KubeRay NetworkPolicy and tokens) are in test_cluster_security.py.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import copy
 import json
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -18,14 +18,24 @@ import pytest
 import yaml
 
 from r2m_ray.config import load_config
+from tests.conftest import ROOT
+from tests.test_cluster_security import (
+    CLIENT_PORT,
+    DASHBOARD_PORT,
+    NS_NAME_LABEL,
+    SA_TOKEN_PATH,
+    _operator_peer,
+    _policy,
+    _policy_problems,
+    _prepare,
+    _token_mount_problems,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = sorted((ROOT / "cluster").glob("*.yaml"))
 KUBERAY = sorted((ROOT / "cluster" / "kuberay").glob("*.yaml"))
 
 TOKEN_SECRET = "r2m-ray-auth-token"
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
-DASHBOARD_PORT, CLIENT_PORT = 8265, 10001
 ROLES = ("rollout", "learner")
 
 
@@ -43,13 +53,6 @@ def _strings(node: Any, where: str = "") -> Iterator[tuple[str, str]]:
 
 
 # ---------------------------------------------------------------- cluster launcher (ray up)
-
-
-def _prepare(raw: dict) -> dict:
-    """Ray's own preprocessing: merge the provider's defaults.yaml, setup commands, node min/max."""
-    from ray.autoscaler._private.util import prepare_config
-
-    return prepare_config(copy.deepcopy(raw))
 
 
 def _validate(cfg: dict) -> None:
@@ -151,25 +154,6 @@ def test_launcher_security(launchers, name):
     assert launcher_problems(_prepare(raw)) == []
 
 
-def test_aws_specifics(launchers):
-    aws = launchers["aws-gpu.yaml"]
-    assert aws["provider"]["region"] == "us-west-2"
-    assert aws["provider"]["security_group"]["IpPermissions"] == []
-    for node in aws["available_node_types"].values():
-        assert node["node_config"]["InstanceType"]
-
-
-def test_gcp_specifics(launchers):
-    gcp = launchers["gcp-gpu.yaml"]
-    assert "REPLACE_ME" in gcp["provider"]["project_id"]
-    for name, node in gcp["available_node_types"].items():
-        if node["resources"].get("GPU", 0):
-            conf = node["node_config"]
-            (accel,) = conf["guestAccelerators"]
-            assert accel["acceleratorCount"] == node["resources"]["GPU"], name
-            assert conf["scheduling"]["onHostMaintenance"] == "TERMINATE", name
-
-
 def _set_head_start(cfg: dict, command: str) -> dict:
     cfg = copy.deepcopy(cfg)
     cfg["head_start_ray_commands"] = ["ray stop", command]
@@ -254,36 +238,6 @@ def _env_problems(env: list[dict], where: str) -> list[str]:
     return problems
 
 
-def _labels_match(selector: dict, labels: dict) -> bool:
-    wanted = selector.get("matchLabels", {})
-    return bool(wanted) and all(labels.get(k) == v for k, v in wanted.items())
-
-
-def _policy_problems(docs: list[dict], pod_labels: dict) -> list[str]:
-    """The dashboard is on the pod network: a NetworkPolicy must fence it to named pods."""
-    policies = [
-        d
-        for d in docs
-        if d.get("kind") == "NetworkPolicy"
-        and "Ingress" in d["spec"].get("policyTypes", [])
-        and _labels_match(d["spec"].get("podSelector", {}), pod_labels)
-    ]
-    if not policies:
-        return ["dashboard on the pod network but no NetworkPolicy selects the head pod"]
-    problems = []
-    for policy in policies:
-        for rule in policy["spec"].get("ingress", []):
-            peers = rule.get("from") or []
-            if not peers:
-                problems.append(f"{policy['metadata']['name']}: an ingress rule admits every source")
-            for peer in peers:
-                if "ipBlock" in peer:
-                    problems.append(f"{policy['metadata']['name']}: ipBlock {peer['ipBlock']}")
-                elif not peer.get("podSelector", {}).get("matchLabels"):
-                    problems.append(f"{policy['metadata']['name']}: a peer without pod labels admits whole namespaces")
-    return problems
-
-
 def kuberay_problems(docs: list[dict]) -> list[str]:
     """Security and structure rules for a RayCluster / RayJob manifest file."""
     obj = _ray_object(docs)
@@ -298,21 +252,21 @@ def kuberay_problems(docs: list[dict]) -> list[str]:
     if head.get("enableIngress"):
         problems.append("enableIngress exposes the dashboard")
     host = head["rayStartParams"].get("dashboard-host")
-    pod_labels = head["template"].get("metadata", {}).get("labels", {})
+    groups = [("head", head)] + [(g["groupName"], g) for g in spec.get("workerGroupSpecs", [])]
     if host not in LOOPBACK:
-        # Only a RayJob needs the operator to reach the dashboard; then the pod network must be fenced.
+        # Only a RayJob needs the operator to reach the dashboard (KubeRay polls it through the head
+        # Service); then the NetworkPolicy below is what fences the pod network.
         if obj["kind"] != "RayJob" or host != "0.0.0.0":
             problems.append(f"dashboard-host {host!r}: want 127.0.0.1")
-        else:
-            if (spec.get("authOptions") or {}).get("mode") != "token":
-                problems.append("dashboard on the pod network needs authOptions.mode token (the operator's token)")
-            problems += _policy_problems(docs, pod_labels)
+        elif (spec.get("authOptions") or {}).get("mode") != "token":
+            problems.append("dashboard on the pod network needs authOptions.mode token (the operator's token)")
+    problems += _policy_problems(docs, groups)
+    problems += _token_mount_problems(spec, groups)
     problems += [
         f"{where}: 0.0.0.0"
         for where, s in _strings(docs)
         if "0.0.0.0" in s and not where.endswith("headGroupSpec.rayStartParams.dashboard-host")
     ]
-    groups = [("head", head)] + [(g["groupName"], g) for g in spec.get("workerGroupSpecs", [])]
     for name, group in groups:
         for container in group["template"]["spec"]["containers"]:
             problems += _env_problems(container.get("env"), f"{name}/{container['name']}")
@@ -415,6 +369,67 @@ def _mutated(docs: list[dict], change) -> list[dict]:
         ),
         ("rayjob.yaml", lambda d: _group(d, "learner").update(minReplicas=2), "minReplicas <= replicas"),
         ("raycluster.yaml", lambda d: _group(d, "rollout")["rayStartParams"].pop("resources"), "custom resource"),
+        # The NetworkPolicy as shipped before: the operator's label from any namespace.
+        ("rayjob.yaml", lambda d: _operator_peer(d).update(namespaceSelector={}), "not pinned to one namespace"),
+        (
+            "rayjob.yaml",
+            lambda d: _operator_peer(d).update(namespaceSelector={"matchLabels": {"team": "ray"}}),
+            "not pinned to one namespace",
+        ),
+        (
+            "rayjob.yaml",
+            lambda d: _operator_peer(d)["namespaceSelector"].update(
+                matchExpressions=[{"key": NS_NAME_LABEL, "operator": "Exists"}]
+            ),
+            "not pinned to one namespace",
+        ),
+        ("rayjob.yaml", lambda d: _operator_peer(d).pop("podSelector"), "every pod of the namespace"),
+        ("rayjob.yaml", lambda d: _policy(d)["spec"]["ingress"][1].pop("ports"), "on every port"),
+        (
+            "rayjob.yaml",
+            lambda d: _policy(d)["spec"]["ingress"][1]["ports"].append({"protocol": "TCP", "port": 10001}),
+            "admits port 10001",
+        ),
+        (
+            "raycluster.yaml",
+            lambda d: _policy(d)["spec"]["ingress"].append({"from": [{"podSelector": {"matchLabels": {"x": "y"}}}]}),
+            "not this cluster's own Ray pods",
+        ),
+        ("raycluster.yaml", lambda d: d.pop(), "no NetworkPolicy selects the head"),
+        (
+            "raycluster.yaml",
+            lambda d: _group(d, "learner")["template"]["metadata"]["labels"].update({"app.kubernetes.io/name": "x"}),
+            "no NetworkPolicy selects the learner",
+        ),
+        (
+            "rayjob.yaml",
+            lambda d: _group(d, "head")["template"]["spec"].pop("automountServiceAccountToken"),
+            "head: automount",
+        ),
+        (
+            "raycluster.yaml",
+            lambda d: _group(d, "rollout")["template"]["spec"].update(automountServiceAccountToken=True),
+            "rollout: automount",
+        ),
+        (
+            "raycluster.yaml",
+            lambda d: _group(d, "head")["template"]["spec"]["containers"][0]["volumeMounts"].append(
+                {"name": "autoscaler-kube-api-access", "mountPath": "/token"}
+            ),
+            "head/ray-head mounts a service-account token",
+        ),
+        (
+            "rayjob.yaml",
+            lambda d: _group(d, "learner")["template"]["spec"]["containers"][0]["volumeMounts"].append(
+                {"name": "sa", "mountPath": SA_TOKEN_PATH}
+            ),
+            "learner/ray-worker mounts a service-account token",
+        ),
+        (
+            "raycluster.yaml",
+            lambda d: _cluster_spec(_ray_object(d))["autoscalerOptions"].pop("volumeMounts"),
+            "autoscaler has no token",
+        ),
     ],
     ids=[
         "lb",
@@ -429,6 +444,20 @@ def _mutated(docs: list[dict], change) -> list[dict]:
         "no-gpu-limit",
         "replicas-order",
         "no-custom-res",
+        "any-namespace",
+        "forgeable-namespace-label",
+        "namespace-expression",
+        "whole-operator-namespace",
+        "operator-all-ports",
+        "operator-client-port",
+        "foreign-pods",
+        "cluster-no-policy",
+        "worker-not-selected",
+        "job-head-token",
+        "worker-token",
+        "head-mounts-autoscaler-token",
+        "worker-mounts-sa-path",
+        "autoscaler-no-api-token",
     ],
 )
 def test_kuberay_checker_flags_mutations(manifests, name, change, expected):

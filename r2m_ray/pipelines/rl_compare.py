@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from r2m_ray.atomic_write import atomic_write_text
 from r2m_ray.config import ConfigError, RunConfig, load_config
 from r2m_ray.eval.plots import save_figure
 from r2m_ray.eval.rl_report import WINDOW, band_on_grid, curve_stats, kl_curves, mean_ci, paired_difference
@@ -83,7 +84,7 @@ def prepare_seed(spec: Any, seed: int, root: Path) -> tuple[dict[str, Path], Pat
     seeded = [f"{key}={seed}" for key in spec.seed_keys]
     cfg = load_config(spec.base, spec.overrides + seeded)
     built = _reusable(root / f"seed{seed}", cfg, PREP_KEYS)
-    run = RunDir.create(cfg, root / f"seed{seed}")
+    run = RunDir.create(cfg, root / f"seed{seed}", "reuse")  # _reusable checked its config
     world = run_world(cfg, run)
     sft_dir = run.path / "checkpoints" / "sft"
     if not (built and (sft_dir / "config.json").is_file()):
@@ -93,7 +94,7 @@ def prepare_seed(spec: Any, seed: int, root: Path) -> tuple[dict[str, Path], Pat
     for name, overrides in spec.reward_models.items():
         rm_cfg = load_config(spec.base, spec.overrides + overrides + seeded)
         built = _reusable(run.path / f"rm-{name}", rm_cfg, (*PREP_KEYS, "rm."))
-        rm_run = RunDir.create(rm_cfg, run.path / f"rm-{name}")
+        rm_run = RunDir.create(rm_cfg, run.path / f"rm-{name}", "reuse")
         ckpt = rm_run.path / "checkpoints" / "rm-0"
         if not (built and "checkpoints" in rm_run.summary):
             rm_world = world if rm_cfg.world == cfg.world else run_world(rm_cfg, rm_run)
@@ -120,11 +121,11 @@ def run_arms(spec: Any, root: Path) -> dict[str, list[dict[str, Any]]]:
             )
             path = root / f"seed{seed}" / arm
             if not _finished_rl(path, cfg):
-                sub = RunDir.create(cfg, path)
+                sub = RunDir.create(cfg, path, "force")  # not a finished run: whatever is there is kept aside
                 run_rl_stage(cfg, sub, sft_dir, rms[spec.arm_reward_model.get(arm, first_rm)], world)
                 sub.close()
             results[arm].append(run_record(path, seed, spec.kl_budgets, root))
-            (root / f"{spec.section}.json").write_text(json.dumps(results, indent=1, default=float))
+            atomic_write_text(root / f"{spec.section}.json", json.dumps(results, indent=1, default=float))
             log.info("compare: %s seed %d done", arm, seed)
     return results
 

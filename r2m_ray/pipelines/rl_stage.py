@@ -29,20 +29,29 @@ import time
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 from datasets import Dataset
 
 from r2m_ray.actors.policy_learner import PolicyLearnerGroup
 from r2m_ray.actors.reward_head_learner import self_labelled_groups
 from r2m_ray.algos.policy_loss import grpo_advantages, rloo_advantages
+from r2m_ray.atomic_write import atomic_write_text
 from r2m_ray.config import RunConfig
 from r2m_ray.data.tokenize import load_prompts, tokenize_prompts
 from r2m_ray.eval.plots import plot_curve
 from r2m_ray.eval.rl_metrics import label_accuracy, sequence_kl
 from r2m_ray.models.registry import hidden_size, load_tokenizer
 from r2m_ray.pipelines.preflight import preflight_rl
-from r2m_ray.pipelines.rl_actors import ACTOR_LOST, STAGE_LOST, ActorLost, RLActors, generate, get_all, sequence_batch
+from r2m_ray.pipelines.rl_actors import (
+    ACTOR_LOST,
+    STAGE_LOST,
+    ActorLost,
+    RLActors,
+    generate,
+    get_all,
+    get_one,
+    sequence_batch,
+)
 from r2m_ray.pipelines.rl_measure import (
     RLEvalData,
     best_per_owner,
@@ -55,6 +64,7 @@ from r2m_ray.pipelines.rl_measure import (
 )
 from r2m_ray.ray_setup import check_resources
 from r2m_ray.rl_checkpoint import CheckpointStore, DriverState
+from r2m_ray.run_inputs import sha256_path
 from r2m_ray.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -100,8 +110,12 @@ def run_rl_stage(
         "rl.rollout (RolloutActor)", rl.rollout.num_actors, rl.rollout.num_cpus_per_actor, rl.rollout.num_gpus_per_actor
     )
     d_policy = hidden_size(policy_dir)
-    store = CheckpointStore(Path(rl.checkpoint.dir or run.path / "checkpoints" / "rl"), rl.checkpoint.keep_last)
-    store.remove_partial()
+    # the starting policy and RM are hashed once; a resume refuses them if they changed at the same path
+    inputs = {"policy checkpoint": sha256_path(policy_dir), "reward-model checkpoint": sha256_path(rm_ckpt)}
+    store = CheckpointStore(
+        Path(rl.checkpoint.dir or run.path / "checkpoints" / "rl"), rl.checkpoint.keep_last, run.run_id, inputs
+    )
+    store.recover()
     ckpt, state, resumed_from = None, DriverState(step=0), None
     if resume:
         ckpt = store.latest()
@@ -234,7 +248,9 @@ def train_steps(
         with_feedback = feedback_path and t > 0  # at t = 0, ω = 1: the feedback path has no weight
         if with_feedback or monitor:
             assert heldout_batch is not None
-            exp = get_all(learner.experience_async(heldout_batch), "policy learner (held-out feedback)")
+            exp = get_all(
+                learner.experience_async(heldout_batch), "policy learner (held-out feedback)", rl.wait_timeout_s
+            )
             hidden = [e["hidden_ref"] for e in exp]
             if with_feedback:
                 calls["feedback"] = (*args, hidden, t, T)
@@ -252,7 +268,7 @@ def train_steps(
                 else ("pairwise_accuracy", f"rm_accuracy_{name}")
             )
             try:
-                out[key] = ray.get(ref)
+                out[key] = get_one(ref, f"annotator.{method}", rl.wait_timeout_s)
             except ACTOR_LOST as err:  # a restarted annotator lost its detector too: calibrate again
                 actors.recover_annotator(err)
                 out[key] = actors.annotator_call(method, *call_args)
@@ -266,9 +282,10 @@ def train_steps(
         """Log step t once its head update and RM evaluation (left running) are done."""
         tick = time.perf_counter()
         metrics["step"] = t + 1
-        metrics["head"] = get_all(head_refs[:1], "head learner")[0] if head_refs else {}
+        metrics["head"] = get_all(head_refs[:1], "head learner", rl.wait_timeout_s)[0] if head_refs else {}
         try:
-            ray.get(head_refs[1:])  # the annotator's load_head; raises a failed load
+            for ref in head_refs[1:]:  # the annotator's load_head; raises a failed load
+                get_one(ref, "annotator.load_head", rl.wait_timeout_s)
         except ACTOR_LOST as err:
             actors.recover_annotator(err)  # the restarted annotator gets the latest head
         metrics["phase_seconds"]["head"] += time.perf_counter() - tick
@@ -309,7 +326,7 @@ def train_steps(
         state.step, state.seconds = t + 1, elapsed
         staging = store.staging(t + 1)
         actors.save(staging)
-        (staging / "driver.json").write_text(state.to_json())
+        atomic_write_text(staging / "driver.json", state.to_json())
         store.commit(staging, t + 1, cfg)
         state.checkpoint_seconds += time.perf_counter() - tick
 
@@ -342,10 +359,10 @@ def train_steps(
         ref_logp_ref = reference.token_logprobs.remote(
             batch["input_ids"], batch["attention_mask"], batch["response_mask"]
         )
-        exp = get_all(learner.experience_async(batch), "policy learner (experience)")
+        exp = get_all(learner.experience_async(batch), "policy learner (experience)", rl.wait_timeout_s)
         old_logp = torch.cat([e["old_logp"] for e in exp])
         hidden_refs = [e["hidden_ref"] for e in exp]
-        ref_logp = ray.get(ref_logp_ref)
+        ref_logp = get_one(ref_logp_ref, "reference actor", rl.wait_timeout_s)
         phase["experience"], tick = time.perf_counter() - tick, time.perf_counter()
         # 3. annotate (the annotator runs the previous step's load_head first: actor calls keep order);
         # with gold, the frozen RM also scores each prompt's gold-optimal answers (the hacking line)
@@ -367,7 +384,7 @@ def train_steps(
             continue
         # 4-5. advantages and k policy epochs (the last refreshes h → h')
         batch.update(advantages=advantages(rewards, K, rl.policy.algo), old_logp=old_logp, ref_logp=ref_logp)
-        per_rank = get_all(learner.train_async(batch, rl.policy.epochs), "policy learner (train)")
+        per_rank = get_all(learner.train_async(batch, rl.policy.epochs), "policy learner (train)", rl.wait_timeout_s)
         new_hidden_refs = [s.pop("hidden_ref") for s in per_rank]
         policy_stats = PolicyLearnerGroup.reduce_metrics(per_rank)
         phase["policy"], tick = time.perf_counter() - tick, time.perf_counter()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from r2m_ray.actors.prioritizer import Prioritizer
 from r2m_ray.actors.reference import ReferenceActor
 from r2m_ray.actors.rm_learner import RMLearnerGroup
 from r2m_ray.algos.decomposition import sample_by_priority
+from r2m_ray.atomic_write import atomic_write_text, fsync_dir
 from r2m_ray.config import RunConfig
 from r2m_ray.data.preference import load_preferences
 from r2m_ray.data.split import hashed_split
@@ -36,6 +38,7 @@ from r2m_ray.eval.rm_accuracy import accuracy_report, score_pairs
 from r2m_ray.models.registry import load_tokenizer
 from r2m_ray.models.reward_model import RewardModel
 from r2m_ray.ray_setup import init_ray
+from r2m_ray.run_inputs import sha256_path
 from r2m_ray.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -66,7 +69,7 @@ def load_hashed_split(source: str, cfg: RunConfig, tokenizer: Any, run: RunDir) 
         for name, want in (("train", False), ("test", True))
     }
     record["tokenized_pairs"] = {name: len(ds) for name, ds in parts.items()}  # after length checks
-    (run.path / "data_split.json").write_text(json.dumps(record, indent=1) + "\n")
+    atomic_write_text(run.path / "data_split.json", json.dumps(record, indent=1) + "\n")
     for name, ds in parts.items():
         if len(ds) == 0:
             raise ValueError(f"data.test_fraction: no usable {name} pairs left in {source} after tokenisation")
@@ -75,8 +78,11 @@ def load_hashed_split(source: str, cfg: RunConfig, tokenizer: Any, run: RunDir) 
 
 
 def add_reference_logprobs(ds: Dataset, model_dir: Path, pad_id: int, cache_dir: Path, chunk: int = 64) -> Dataset:
-    """Columns ref_logp_c / ref_logp_r from the frozen backbone, computed once per (model, data)."""
-    key = hashlib.sha256(f"{model_dir.resolve()}|{ds._fingerprint}".encode()).hexdigest()[:16]
+    """Columns ref_logp_c / ref_logp_r from the frozen backbone, computed once per (model, data).
+
+    Keyed by the model's contents (not its path: a checkpoint rewritten in place must not reuse
+    the old log-probs) and the dataset's content fingerprint."""
+    key = hashlib.sha256(f"{sha256_path(model_dir)}|{ds._fingerprint}".encode()).hexdigest()[:16]
     cache = cache_dir / f"ref_logps-{key}.parquet"
     if cache.is_file():
         cached = Dataset.from_parquet(str(cache))
@@ -99,7 +105,10 @@ def add_reference_logprobs(ds: Dataset, model_dir: Path, pad_id: int, cache_dir:
         ray.kill(ref)
         cached = Dataset.from_dict({"ref_logp_c": torch.cat(lc).tolist(), "ref_logp_r": torch.cat(lr).tolist()})
         cache_dir.mkdir(parents=True, exist_ok=True)
-        cached.to_parquet(str(cache))
+        partial = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")  # a cut-short cache must never be read
+        cached.to_parquet(str(partial))
+        os.replace(partial, cache)
+        fsync_dir(cache_dir)
     return ds.add_column("ref_logp_c", cached["ref_logp_c"]).add_column("ref_logp_r", cached["ref_logp_r"])
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import yaml
 from datasets import Dataset, Features, Value
 
+from r2m_ray.atomic_write import atomic_write_text
 from r2m_ray.world.config import WorldConfig
 from r2m_ray.world.gold import gold_reward_for_task, parse_response, tokenize
 from r2m_ray.world.sampler import ResponseSampler, pick
@@ -186,7 +187,7 @@ def write_splits(splits: dict[str, Dataset], cfg: WorldConfig, out_dir: Path) ->
         dataset.to_json(str(jsonl), lines=True)
         dataset.to_parquet(str(out_dir / f"{name}.parquet"))
         paths[name] = jsonl
-    (out_dir / "world_config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    atomic_write_text(out_dir / "world_config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return paths
 
 
