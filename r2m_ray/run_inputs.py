@@ -87,5 +87,8 @@ def check_inputs(cfg: RunConfig, run: RunDir) -> None:
                 f"--resume {run.path}: input {key} ({now[key]['path']}) changed since the run started "
                 f"(SHA-256 {rec['sha256'][:12]}… then, {now[key]['sha256'][:12]}… now)"
             )
-    for key in sorted(set(now) - set(before)):
-        raise ConfigError(f"--resume {run.path}: input {key} ({now[key]['path']}) was not an input of the run")
+    added = sorted(set(now) - set(before))
+    if added:
+        raise ConfigError(
+            f"--resume {run.path}: input {added[0]} ({now[added[0]]['path']}) was not an input of the run"
+        )

