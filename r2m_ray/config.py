@@ -91,6 +91,9 @@ class RMConfig(Section):
     # recompute each layer's activations in backward: more compute, far less memory (LoRA keeps
     # extra activations per adapted matrix; measured numbers in docs/results.md)
     gradient_checkpointing: bool = False
+    # pad-free packing of each pair batch (data/packing.py) in the learner and the prioritiser:
+    # the same losses on about half the tokens of a padded batch of short pairs; off = padded [2B, T]
+    packing: bool = True
     ensemble: int = Field(default=1, ge=1)
     ensemble_reduce: Literal["mean", "min"] = "mean"
     batch_size: int = Field(default=32, ge=1)

@@ -83,6 +83,8 @@ class PolicyConfig(Section):
     kl_coef: float = Field(default=0.05, ge=0)
     kl_estimator: Literal["k1", "k3"] = "k3"
     hidden_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # policy feedback h in transit
+    # pad-free forwards (data/packing.py): the same log-probs and h on the real tokens only
+    packing: bool = True
     optim: PolicyOptimConfig = PolicyOptimConfig()
     ranks: int = Field(default=1, ge=1)
     zero_stage: int = Field(default=2, ge=0, le=3)

@@ -201,7 +201,7 @@ def test_a_hung_engine_ends_in_a_stage_restart_not_a_hang(trained, tmp_path):
     hit rl.wait_timeout_s and be handled as a lost actor: the stage restarts from the last checkpoint."""
     tmp, base = trained
     # 3 steps: a step may finish before the signal lands, so there is always a later one to hang
-    cfg = rl_config(tmp, base, "rl.steps=3", "rl.checkpoint.every=1", "rl.wait_timeout_s=30")
+    cfg = rl_config(tmp, base, "rl.steps=3", "rl.checkpoint.every=1", "rl.wait_timeout_s=15")
     run_dir = tmp_path / "hung"
     thread, outcome = run_in_thread(cfg, run_dir)
     wait_for(lambda: (run_dir / "checkpoints" / "rl" / "step-000001").is_dir(), "checkpoint 1", alive=thread.is_alive)

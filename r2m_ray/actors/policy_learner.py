@@ -46,6 +46,7 @@ from r2m_ray.actors.distributed import (
     warmup_schedule,
 )
 from r2m_ray.algos.policy_loss import clipped_policy_loss, entropy_from_logits, kl_penalty
+from r2m_ray.data.packing import packed_decoder_states
 from r2m_ray.models.reward_model import position_ids_from_mask
 from r2m_ray.rl_config import PolicyConfig
 
@@ -76,15 +77,6 @@ def response_token_logprobs(logits: Tensor, input_ids: Tensor, response_mask: Te
     token_logp = pred.gather(-1, targets).squeeze(-1) - torch.logsumexp(pred, dim=-1)
     token_logp = torch.where(response_mask[:, 1:] != 0, token_logp, torch.zeros_like(token_logp))
     return torch.nn.functional.pad(token_logp, (1, 0))
-
-
-def response_entropy_sum(logits: Tensor, response_mask: Tensor) -> tuple[float, int]:
-    """(Σ entropy, count) over the positions that predict response tokens (no grad)."""
-    with torch.no_grad():
-        picked = logits[:, :-1][response_mask[:, 1:] != 0]  # [N, V]
-        if picked.shape[0] == 0:
-            return 0.0, 0
-        return float(entropy_from_logits(picked.unsqueeze(0)).sum()), int(picked.shape[0])
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -147,16 +139,35 @@ class PolicyLearner(LearnerRank):
 
     # ------------------------------------------------------------------ forward
 
-    def _forward(self, ids: Tensor, attn: Tensor) -> tuple[Tensor, Tensor]:
-        """(logits [B, T, V], post-norm last-layer hidden states [B, T, D]) of one micro-batch."""
-        out = self.engine(
-            input_ids=ids,
-            attention_mask=attn,
-            position_ids=position_ids_from_mask(attn),
-            use_cache=False,
-            output_hidden_states=True,
-        )
-        return out.logits, out.hidden_states[-1]
+    def _forward(self, ids: Tensor, attn: Tensor, resp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(per-token log-probs [B, T] aligned like `response_token_logprobs`, the logits [N, V] of the N
+        positions that predict a response token, post-norm last-layer hidden states [B, T, D]).
+
+        The LM head runs on those N positions only (a full [B, T, V] would be mostly prompt and
+        padding), and with rl.policy.packing the decoder runs pad-free (data/packing.py).
+        """
+        if (resp[:, 0] != 0).any():
+            raise ValueError("response_mask marks position 0, which no logit predicts; the prompt must be non-empty")
+        model = self.engine.module
+        if self.cfg.packing:
+            hidden = packed_decoder_states(model.base_model, ids, attn)
+        else:
+            hidden = model.base_model(
+                input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn), use_cache=False
+            ).last_hidden_state
+        rows, cols = (resp[:, 1:] != 0).nonzero(as_tuple=True)
+        logits = model.get_output_embeddings()(hidden[rows, cols]).float()
+        picked = logits.gather(-1, ids[rows, cols + 1].long()[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        logp = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device).index_put((rows, cols + 1), picked)
+        return logp, logits, hidden
+
+    @staticmethod
+    def _entropy_sum(logits: Tensor) -> tuple[float, int]:
+        """(Σ entropy, count) over the rows of the response-predicting logits [N, V] (no grad)."""
+        if logits.shape[0] == 0:
+            return 0.0, 0
+        with torch.no_grad():
+            return float(entropy_from_logits(logits.unsqueeze(0)).sum()), int(logits.shape[0])
 
     def _put_hidden(self, parts: list[Tensor], attn: Tensor, response_mask: Tensor) -> ray.ObjectRef:
         """Put the feedback h of this rank's rows once; consumers ray.get the ref themselves."""
@@ -190,9 +201,9 @@ class PolicyLearner(LearnerRank):
         logps, hidden, ent_sum, ent_count = [], [], 0.0, 0
         for sl in micro_batch_slices(rows, num_micro or math.ceil(rows / self.cfg.micro_batch_size)):
             ids, attn, resp = (batch[k][sl] for k in EXPERIENCE_KEYS)
-            logits, h = self._forward(ids, attn)
-            logps.append(response_token_logprobs(logits, ids, resp))
-            s, c = response_entropy_sum(logits, resp)
+            logp, logits, h = self._forward(ids, attn, resp)
+            logps.append(logp)
+            s, c = self._entropy_sum(logits)
             ent_sum, ent_count = ent_sum + s, ent_count + c
             hidden.append(h.to(self.hidden_dtype))
         return {
@@ -227,11 +238,10 @@ class PolicyLearner(LearnerRank):
         for epoch in range(epochs):
             for i, sl in enumerate(slices):
                 mb = {k: batch[k][sl] for k in TRAIN_KEYS}
-                logits, h = self._forward(mb["input_ids"], mb["attention_mask"])
+                resp = mb["response_mask"]
+                logp, logits, h = self._forward(mb["input_ids"], mb["attention_mask"], resp)
                 if epoch == epochs - 1:
                     hidden.append(h.detach().to(self.hidden_dtype))
-                resp = mb["response_mask"]
-                logp = response_token_logprobs(logits, mb["input_ids"], resp)
                 kl = kl_penalty(logp, mb["ref_logp"].float(), self.cfg.kl_estimator)
                 loss, stats = clipped_policy_loss(
                     logp,
@@ -254,7 +264,7 @@ class PolicyLearner(LearnerRank):
                         stats,
                     )
                     continue
-                ent_sum, ent_count = response_entropy_sum(logits.detach(), resp)
+                ent_sum, ent_count = self._entropy_sum(logits.detach())
                 self.engine.backward(loss)
                 self.engine.step()
                 self.optimizer_steps += 1

@@ -58,6 +58,7 @@ class Prioritizer:
         self.cfg = PrioritizerConfig.model_validate(payload["rm"]["prioritizer"])
         model_cfg = ModelConfig.model_validate(payload["model"])
         self.eval_batch = int(payload["rm"]["eval_batch_size"])
+        self.packing = bool(payload["rm"].get("packing", True))  # the cross sequences, pad-free as the learner
         self.model = RewardModel.from_backbone_dir(
             Path(model_dir),
             value_head=model_cfg.value_head,
@@ -80,8 +81,8 @@ class Prioritizer:
     def _rewards(self, seqs: list[list[int]]) -> torch.Tensor:
         out = []
         for i in range(0, len(seqs), self.eval_batch):
-            ids, attn = pad_ids(seqs[i : i + self.eval_batch], self.pad_id, side="left")
-            out.append(self.model(ids, attn).rewards.float())
+            ids, attn = pad_ids(seqs[i : i + self.eval_batch], self.pad_id, side="right")
+            out.append(self.model(ids, attn, packed=self.packing).rewards.float())
         return torch.cat(out)
 
     def score(self, rows: dict[str, list[list[int]]]) -> dict[str, Any]:

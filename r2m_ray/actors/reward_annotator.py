@@ -136,7 +136,8 @@ class RewardAnnotator:
         for start in range(0, len(encoded), self.batch_size):
             chunk = encoded[start : start + self.batch_size]
             ids, attn = pad_ids([enc.input_ids for _, enc in chunk], self.pad_id)
-            last_hidden = self.rm(ids.to(self.device), attn.to(self.device)).last_hidden.float().cpu()
+            # pad-free (data/packing.py): the same RTEs on the real tokens only
+            last_hidden = self.rm(ids.to(self.device), attn.to(self.device), packed=True).last_hidden.float().cpu()
             for (key, _), row in zip(chunk, last_hidden):
                 self.cache[key] = row.clone()  # own storage: the batch tensor is not kept alive
 

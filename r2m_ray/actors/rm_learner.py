@@ -10,6 +10,7 @@ head and the LM head read the same final hidden states.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -114,11 +115,12 @@ class RMLearner(LearnerRank):
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimiser step on this rank's slice; gradients are averaged by DeepSpeed."""
+        t0 = time.perf_counter()
         self.engine.train()
         batch = self.on_device(batch)
         ids, attn, resp = stack_pair_batch(batch)
         need_logps = self.cfg.grm.regulariser != "none"
-        out = self.engine(ids, attn, response_mask=resp if need_logps else None)
+        out = self.engine(ids, attn, response_mask=resp if need_logps else None, packed=self.cfg.packing)
         n = batch["chosen_input_ids"].shape[0]
         loss, stats = reward_losses(self.cfg, out.rewards[:n], out.rewards[n:], batch, out.seq_logps)
         if not torch.isfinite(loss):
@@ -128,6 +130,8 @@ class RMLearner(LearnerRank):
         stats["loss"] = loss.item()
         stats["lr"] = self.scheduler.get_last_lr()[0]
         stats["pairs"] = n
+        stats["pad_fraction"] = 1.0 - float(attn.sum()) / attn.numel()  # of the padded [2B, T]: what packing saves
+        stats["learner_seconds"] = time.perf_counter() - t0  # the driver's step time minus this is overhead
         return stats
 
     @torch.no_grad()
@@ -136,7 +140,7 @@ class RMLearner(LearnerRank):
         self.engine.eval()
         batch = self.on_device(batch)
         ids, attn, _ = stack_pair_batch(batch)
-        r = self.engine(ids, attn).rewards.float().cpu()
+        r = self.engine(ids, attn, packed=self.cfg.packing).rewards.float().cpu()
         n = batch["chosen_input_ids"].shape[0]
         return {"chosen": r[:n], "rejected": r[n:]}
 

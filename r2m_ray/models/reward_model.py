@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from r2m_ray.data.packing import packed_decoder_states
 from r2m_ray.models.config import ModelConfig
 from r2m_ray.models.registry import load_causal_lm
 
@@ -140,8 +141,10 @@ class RewardModel(nn.Module):
         """The backbone's own LM head (tied or not)."""
         return self.causal_lm.get_output_embeddings()
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Final-layer hidden states after the final norm, [B, T, H]."""
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, packed: bool = False) -> Tensor:
+        """Final-layer hidden states after the final norm, [B, T, H] (packed: zeros on pads)."""
+        if packed:
+            return packed_decoder_states(self.decoder, input_ids, attention_mask)
         out = self.decoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -150,9 +153,14 @@ class RewardModel(nn.Module):
         )
         return out.last_hidden_state
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor | None = None) -> RewardOutput:
-        """Rewards at the last real token; with response_mask also log π(y|x) summed over the response."""
-        hidden = self.hidden_states(input_ids, attention_mask)
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor | None = None, packed: bool = False
+    ) -> RewardOutput:
+        """Rewards at the last real token; with response_mask also log π(y|x) summed over the response.
+
+        packed=True computes the same outputs pad-free (data/packing.py; right-padded batches only).
+        """
+        hidden = self.hidden_states(input_ids, attention_mask, packed)
         last = last_token_index(attention_mask)
         last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         rewards = self.score_hidden(last_hidden)
