@@ -185,7 +185,7 @@ def check_r2m_command(argv: list[str], tmp: Path, inline: bool = False) -> str:
                 raise ConfigError(f"{ns.args[0]}: variant or reward model {name!r}: {e}") from None
         return "spec"
     sub = ns.args[:1] if ns.command == "eval" and ns.args[:1] in (["bon"], ["feedback"]) else []
-    if ns.command == "bench" and ns.what == "peer":
+    if ns.command == "bench" and ns.what == "peer" and ns.args:  # bare `bench peer` in prose: a mention
         assert ns.args[:1] in (["rm"], ["rl"]), "bench peer needs a side: rm or rl"
         sub = ns.args[:1]
     config, overrides = _split_args(ns.args[len(sub) :])
