@@ -19,6 +19,17 @@ from r2m_ray.config import RunConfig
 from r2m_ray.ray_setup import init_ray
 from r2m_ray.rundir import ExistPolicy, RunDir
 
+
+def write_bench_report(report: dict[str, Any], out: str | None, run: RunDir, default_name: str) -> dict[str, Any]:
+    """Write `report` as JSON to `out` (default: the bench run's directory), close the run; returns the
+    report with its path under "json"."""
+    path = Path(out) if out else run.path / default_name
+    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+    report["json"] = str(path)
+    run.close()
+    return report
+
+
 VARIANTS = {
     "bt": {"grm": {"regulariser": "none"}, "prioritizer": {"enabled": False}},
     "grm_sft": {"grm": {"regulariser": "sft"}, "prioritizer": {"enabled": False}},
@@ -73,27 +84,39 @@ def bench_rm(
         "prioritizer_wall_time_ratio": results["bt_prioritized"]["train_seconds"] / bt,
         "goals": {"grm_step_time_ratio": 1.10, "prioritizer_wall_time_ratio": 1.25},
     }
-    path = Path(out) if out else run.path / "bench_rm.json"
-    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
-    report["json"] = str(path)
-    run.close()
-    return report
+    return write_bench_report(report, out, run, "bench_rm.json")
+
+
+RL_VARIANTS = {  # name: (rl.reward.mode, rl.rollout.weight_sync, rl.async.max_staleness)
+    "frozen": ("frozen", "object_store", 0),
+    "r2m": ("r2m", "object_store", 0),
+    "r2m-collective": ("r2m", "collective", 0),
+    "r2m-async": ("r2m", "object_store", 1),
+}
 
 
 def bench_rl(
-    cfg: RunConfig, out: str | None = None, run_dir: str | None = None, exist: ExistPolicy = "new"
+    cfg: RunConfig,
+    out: str | None = None,
+    run_dir: str | None = None,
+    exist: ExistPolicy = "new",
+    variants: tuple[str, ...] = tuple(RL_VARIANTS),
 ) -> dict[str, Any]:
     """RL stage throughput: frozen RM vs R2M on the same SFT policy and RM; write and return the JSON.
 
     Reports tokens/s, per-phase seconds, the R2M wall-time ratio to vanilla over the whole
-    step loop (goal ≤ 1.05; the ratio of the phase sums is reported beside it) and the
-    weight-sync share of a step (goal ≤ 10%) for both sync paths. Actor start-up is reported apart.
+    step loop (goal ≤ 1.05; the ratio of the phase sums is reported beside it), the
+    weight-sync share of a step (goal ≤ 10%) for both sync paths, and the one-step-off async
+    loop's speed-up over the synchronous one. Actor start-up is reported apart.
     """
     from r2m_ray.pipelines.full_run import base_model_dir, run_world
     from r2m_ray.pipelines.rl_stage import run_rl_stage
     from r2m_ray.pipelines.rm_stage import run_rm_stage
     from r2m_ray.pipelines.sft_stage import run_sft_stage
 
+    unknown = sorted(set(variants) - set(RL_VARIANTS))
+    if unknown or not {"frozen", "r2m"} <= set(variants):
+        raise ValueError(f"bench rl variants {list(variants)}: choose from {list(RL_VARIANTS)}, with frozen and r2m")
     run = RunDir.create(cfg.model_copy(update={"name": f"bench-rl-{cfg.name}"}), run_dir, exist)
     world = run_world(cfg, run)
     policy_dir, _ = run_sft_stage(cfg, run, base_model_dir(cfg), world)
@@ -101,15 +124,12 @@ def bench_rl(
     rm_ckpt = Path(run_rm_stage(cfg, run, policy_dir, world)["checkpoints"][0])
     results: dict[str, Any] = {}
     # the same SFT policy and RM for every variant; r2m-collective differs from r2m only
-    # in how the policy weights reach the engines (broadcast instead of the object store)
-    variants = {
-        "frozen": ("frozen", "object_store"),
-        "r2m": ("r2m", "object_store"),
-        "r2m-collective": ("r2m", "collective"),
-    }
-    for name, (mode, weight_sync) in variants.items():
+    # in how the policy weights reach the engines (broadcast instead of the object store), and
+    # r2m-async in that the engines generate one step ahead (rl.async.max_staleness=1)
+    for name in variants:
+        mode, weight_sync, staleness = RL_VARIANTS[name]
         rl = cfg.rl.model_copy(deep=True)
-        rl.reward.mode, rl.rollout.weight_sync = mode, weight_sync
+        rl.reward.mode, rl.rollout.weight_sync, rl.async_.max_staleness = mode, weight_sync, staleness
         sub = RunDir.create(cfg.model_copy(update={"rl": rl}), run.path / f"rl-{name}")
         s = run_rl_stage(cfg.model_copy(update={"rl": rl}), sub, policy_dir, rm_ckpt, world)
         sub.close()
@@ -122,6 +142,9 @@ def bench_rl(
             "sync_share": s["phase_seconds"]["sync"] / step_seconds,
             "startup_seconds": s["startup_seconds"],
             "steps": s["steps"],
+            "max_staleness": s["max_staleness"],
+            "gold_reward_final": s["gold_reward"]["final"],
+            "kl_seq_final": s["kl_seq"]["final"],
         }
     frozen, r2m = results["frozen"], results["r2m"]
     report = {
@@ -135,11 +158,11 @@ def bench_rl(
         "r2m_wall_time_ratio": r2m["loop_seconds"] / frozen["loop_seconds"],
         "r2m_phase_time_ratio": r2m["step_seconds_total"] / frozen["step_seconds_total"],
         "sync_share_of_step": r2m["sync_share"],
-        "sync_share_of_step_collective": results["r2m-collective"]["sync_share"],
         "goals": {"r2m_wall_time_ratio": 1.05, "sync_share_of_step": 0.10},
     }
-    path = Path(out) if out else run.path / "bench_rl.json"
-    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
-    report["json"] = str(path)
-    run.close()
-    return report
+    if "r2m-collective" in results:
+        report["sync_share_of_step_collective"] = results["r2m-collective"]["sync_share"]
+    if "r2m-async" in results:  # one-step-off beside the synchronous loop, same work: >1 = async is faster
+        report["async_speedup"] = r2m["loop_seconds"] / results["r2m-async"]["loop_seconds"]
+        report["async_tokens_per_second"] = results["r2m-async"]["tokens_per_second"]
+    return write_bench_report(report, out, run, "bench_rl.json")

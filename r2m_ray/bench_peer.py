@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from r2m_ray.atomic_write import atomic_write_text
+from r2m_ray.bench import write_bench_report
 from r2m_ray.config import RunConfig
 from r2m_ray.ray_setup import init_ray
 from r2m_ray.rundir import ExistPolicy, RunDir
@@ -135,11 +135,7 @@ def bench_peer_rm(
         "ratio": ours / peer,
         "goal_ratio": 1.5,
     }
-    path = Path(out) if out else run.path / "bench_peer_rm.json"
-    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
-    report["json"] = str(path)
-    run.close()
-    return report
+    return write_bench_report(report, out, run, "bench_peer_rm.json")
 
 
 def bench_peer_rl(
@@ -252,8 +248,4 @@ def bench_peer_rl(
         "ratio": ours / peer,
         "goal_ratio": 2.0,
     }
-    path = Path(out) if out else run.path / "bench_peer_rl.json"
-    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
-    report["json"] = str(path)
-    run.close()
-    return report
+    return write_bench_report(report, out, run, "bench_peer_rl.json")

@@ -102,3 +102,39 @@ def check_resources(role: str, count: int, num_cpus: float, num_gpus: float) -> 
                 f"{role}: {count} actor(s) × {key}={per_actor} need {need:g} {name} "
                 f"but the Ray cluster has {have:g} (set ray.num_cpus or lower the request)"
             )
+
+
+def check_demands(what: str, demands: dict[str, list[dict[str, float]]]) -> None:
+    """Fail fast, naming the role, when the cluster can never hold these actors at the same time.
+
+    `demands`: per role, one resource dict per actor (CPU, GPU, custom resources), all alive
+    together for the whole stage. Each actor must fit on one alive node, and the sum on the
+    cluster; otherwise Ray leaves an actor PENDING and the stage would wait forever.
+    """
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    total = ray.cluster_resources()
+    sums: dict[str, float] = {}
+    for role, actors in demands.items():
+        for i, demand in enumerate(actors):
+            for res, need in demand.items():
+                sums[res] = sums.get(res, 0.0) + need
+                if need > 0 and not any(node.get(res, 0.0) + 1e-9 >= need for node in nodes):
+                    largest = max((node.get(res, 0.0) for node in nodes), default=0.0)
+                    raise ValueError(
+                        f"{what}.{role}: actor {i} asks for {need:g} {res}, more than any node of the Ray cluster "
+                        f"has (the largest has {largest:g}); lower the request or add a node that has it"
+                    )
+    for res, need in sums.items():
+        have = total.get(res, 0.0)
+        if need > have + 1e-9:
+            parts = ", ".join(
+                f"{role} {sum(d.get(res, 0.0) for d in actors):g}"
+                for role, actors in demands.items()
+                if any(d.get(res, 0.0) for d in actors)
+            )
+            raise ValueError(
+                f"{what}: its actors run at the same time and together need {need:g} {res} ({parts}) but the "
+                f"Ray cluster has {have:g} (set ray.num_cpus or lower the requests)"
+            )

@@ -59,6 +59,7 @@ RESUMABLE_KEYS = (
     "rl.checkpoint.",
     "rl.max_stage_restarts",
     "rl.wait_timeout_s",
+    "rl.startup_timeout_s",
     "rl.max_nonfinite_steps",
     "rl.placement.",
     "rl.rollout.max_restarts",
@@ -74,7 +75,7 @@ class CheckpointError(ValueError):
 
 def _computed(cfg: RunConfig) -> dict[str, Any]:
     """The flattened config without the keys a resume may change."""
-    flat = flatten(cfg.model_dump(mode="json"))
+    flat = flatten(cfg.model_dump(mode="json", by_alias=True))
     return {k: v for k, v in flat.items() if not k.startswith(RESUMABLE_KEYS)}
 
 
@@ -133,6 +134,8 @@ class DriverState:
     seconds: float = 0.0  # step-loop time before this checkpoint
     startup_seconds: float = 0.0
     checkpoint_seconds: float = 0.0
+    # async rollout: step `step`'s samples, drawn before the checkpoint with weights it does not hold
+    pending: dict[str, list] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, default=float)
@@ -163,7 +166,9 @@ class CheckpointStore:
 
     def commit(self, staging: Path, step: int, cfg: RunConfig) -> Path:
         """Write the manifest, flush, rename into place, then drop this run's checkpoints beyond keep_last."""
-        atomic_write_text(staging / "config.json", json.dumps(cfg.model_dump(mode="json"), indent=1) + "\n")
+        atomic_write_text(
+            staging / "config.json", json.dumps(cfg.model_dump(mode="json", by_alias=True), indent=1) + "\n"
+        )
         files = {
             str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(staging.rglob("*"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from r2m_ray.config_base import OptimConfig, Section
 
@@ -183,8 +183,30 @@ class CheckpointConfig(Section):
     dir: str | None = None
 
 
+class AsyncConfig(Section):
+    """One-step-off rollout (ALGORITHMS.md / docs/algorithms.md, "Async rollout").
+
+    max_staleness 0: the synchronous loop (generate with the weights being trained). 1: the engines
+    generate step t+1 with the weights of step t while the learner trains step t; the policy loss
+    reweights those samples by the truncated ratio of the current sampler to the one that drew them.
+    """
+
+    max_staleness: int = Field(default=0, ge=0, le=1)
+    # cap C of the per-token behaviour weight min(π_t(y)/π_{t−1}(y), C) (truncated importance sampling)
+    behaviour_weight_cap: float = Field(default=2.0, ge=1)
+
+
 class RLConfig(Section):
     """The online stage: T steps of n prompts × K samples."""
+
+    # `async` is a Python keyword: the field is async_, the key in YAML and overrides is rl.async
+    model_config = ConfigDict(
+        extra="forbid",
+        validate_assignment=True,
+        protected_namespaces=(),
+        populate_by_name=True,
+        serialize_by_alias=True,
+    )
 
     steps: int = Field(default=20, ge=1)  # T
     prompts_per_step: int = Field(default=16, ge=1)  # n
@@ -210,6 +232,7 @@ class RLConfig(Section):
     reference_max_restarts: int = Field(default=2, ge=0)
     placement: PlacementConfig = PlacementConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    async_: AsyncConfig = Field(default_factory=AsyncConfig, alias="async")
     # an actor Ray cannot restart in place (a policy rank, the reference, the head learner, or one
     # whose max_restarts are spent) makes the driver restart the stage from the last checkpoint,
     # at most this many times per run
@@ -217,4 +240,23 @@ class RLConfig(Section):
     # longest the driver waits on a generate or a learner call before it counts the actor as
     # lost (hung, not dead: a stuck collective, a stopped process) and restarts the stage
     wait_timeout_s: float = Field(default=1800.0, gt=0)
+    # longest the driver waits for the actors to start (model load, vLLM's compile, the DeepSpeed
+    # group) before it counts the attempt as lost and restarts the stage
+    startup_timeout_s: float = Field(default=1800.0, gt=0)
     policy_checkpoint: str | None = None  # policy to start from; default: this run's SFT checkpoint
+
+    @model_validator(mode="after")
+    def _async_needs_a_sampler_to_correct_against(self) -> RLConfig:
+        if self.async_.max_staleness > 0:
+            ro = self.rollout
+            if ro.temperature == 0:
+                raise ValueError(
+                    "rl.async.max_staleness=1 reweights samples by their sampler's probability; greedy decoding "
+                    "(rl.rollout.temperature=0) has none: use a temperature > 0 or rl.async.max_staleness=0"
+                )
+            if ro.top_p < 1:
+                raise ValueError(
+                    "rl.async.max_staleness=1 needs rl.rollout.top_p=1: the learner recomputes the sampler's "
+                    "log-probs at the sampling temperature but not the top-p renormalisation"
+                )
+        return self

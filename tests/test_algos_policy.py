@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from r2m_ray.algos.policy_loss import (
+    behaviour_weights,
     clipped_policy_loss,
     entropy_from_logits,
     grpo_advantages,
@@ -93,6 +94,39 @@ def test_clipped_loss_with_kl_term():
         clipped_policy_loss(logp, old, adv, mask, kl_coef=0.1)
     with pytest.raises(ValueError, match="advantages"):
         clipped_policy_loss(logp, old, adv.view(2, 1), mask)
+
+
+def test_behaviour_weights_hand_values():
+    # row 0 stale: log π_{t,τ} − log μ = [log 1.5, log 3 (capped at 2)]; row 1 fresh: weight 1
+    sampler = torch.log(torch.tensor([[0.3, 0.6], [0.2, 0.5]]))
+    mu = torch.log(torch.tensor([[0.2, 0.2], [0.9, 0.1]]))
+    mask = torch.tensor([[1, 1], [1, 0]])
+    w, stats = behaviour_weights(sampler, mu, mask, torch.tensor([True, False]), cap=2.0)
+    assert w.tolist()[0] == pytest.approx([1.5, 2.0], abs=1e-6)
+    assert w.tolist()[1] == [1.0, 1.0]  # a fresh row and padding are never reweighted
+    assert stats["behaviour_weight_mean"] == pytest.approx(1.75, abs=1e-6)
+    assert stats["behaviour_weight_capped"] == 0.5
+    assert stats["behaviour_log_ratio"] == pytest.approx((math.log(1.5) + math.log(3)) / 2, abs=1e-6)
+    _, none = behaviour_weights(sampler, mu, mask, torch.tensor([False, False]), cap=2.0)
+    assert none == {}  # no stale row: nothing to report
+    with pytest.raises(ValueError, match="stale"):
+        behaviour_weights(sampler, mu, mask, torch.tensor([True]), cap=2.0)
+    with pytest.raises(ValueError, match="cap"):
+        behaviour_weights(sampler, mu, mask, torch.tensor([True, False]), cap=0.5)
+
+
+def test_behaviour_weight_scales_each_token_and_ones_change_nothing():
+    logp, old, adv, mask = _clip_case()
+    plain, _ = clipped_policy_loss(logp, old, adv, mask)
+    ones, _ = clipped_policy_loss(logp, old, adv, mask, behaviour_weight=torch.ones(2, 2))
+    assert ones.item() == plain.item()  # bit for bit: weight 1 is the synchronous loop
+    w = torch.tensor([[2.0, 0.5], [1.5, 9.0]])  # the padded token's weight must not count
+    loss, _ = clipped_policy_loss(logp, old, adv, mask, behaviour_weight=w)
+    assert loss.item() == pytest.approx((2 * -1.2 + 0.5 * -1.0 + 1.5 * 0.8) / 3, abs=1e-6)
+    loss.backward()
+    assert logp.grad.tolist()[0] == pytest.approx([0.0, -0.5 / 3], abs=1e-6)  # w·(−ρA)/3 on the unclipped token
+    with pytest.raises(ValueError, match="behaviour_weight"):
+        clipped_policy_loss(logp, old, adv, mask, behaviour_weight=torch.ones(2, 3))
 
 
 def test_old_logp_gets_no_gradient():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import ray
@@ -122,6 +123,11 @@ def test_experience_matches_hf_forward(learner, batch, hf_out):
     assert torch.allclose(old_logp, expected, atol=1e-5)
     ent = entropy_from_logits(out.logits[:, :-1])[resp[:, 1:].bool()].mean()
     assert per_rank[0]["entropy"] == pytest.approx(float(ent), rel=1e-4)
+    # the async loop's sampler log-probs: log softmax(logits/τ) at the same positions (weights still untrained)
+    at_tau = ray.get(learner[0].experience_async(batch, sampler_temperature=0.7))
+    scaled = torch.log_softmax(out.logits[:, :-1].float() / 0.7, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert torch.allclose(at_tau[0]["sampler_logp"], torch.nn.functional.pad(scaled * resp[:, 1:], (1, 0)), atol=1e-5)
+    assert torch.equal(at_tau[0]["old_logp"], old_logp) and "sampler_logp" not in per_rank[0]
     # transformers 5 ties hidden_states[-1] to the post-norm last_hidden_state (what the LM head reads)
     assert torch.equal(out.hidden_states[-1], base)
     assert torch.allclose(model.lm_head(base), out.logits, atol=1e-5)
@@ -182,6 +188,42 @@ def test_advantage_sign_moves_logprobs_and_kl_grows(learner, batch):
     assert kls[0] < 1e-3 and kls[-1] > 3 * kls[0] and kls[-1] > 1e-4, kls
     kl_now = masked_mean(kl_penalty(old, ref_logp, "k3"), resp)
     assert kl_now > 1e-3
+
+
+def test_behaviour_weights_reach_the_loss_in_the_engine(learner, batch):
+    """The async loop's per-token weights scale the policy gradient inside the engine: w = 0 leaves
+    only the KL's, which is ~0 at ρ = 1 (the micro-batch's first step on these weights)."""
+    group, _ = learner
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    half = {k: v[:4] for k, v in batch.items()}  # one micro-batch
+    norms = {}
+    for w in (0.0, 1.0):
+        old, _, _ = experience(group, half)
+        stats, _ = train(group, {**half, "behaviour_weight": torch.full(half["input_ids"].shape, w)}, old, old, adv)
+        norms[w] = stats["grad_norm"]
+    assert norms[1.0] > 1e-3 and norms[0.0] < 1e-3 * norms[1.0], norms
+
+
+def test_group_waits_have_deadlines_and_a_failed_start_frees_its_ranks(ray_session, learner, tiny_model_dir, tmp_path):
+    from r2m_ray.actors.distributed import LearnerHung
+
+    group, _ = learner
+    group.deadlines = {"call": ("rl.wait_timeout_s", 0.001)}  # no checkpoint save is that fast
+    try:
+        with pytest.raises(
+            LearnerHung,
+            match=r"PolicyLearner ranks\): save_checkpoint did not return within rl\.wait_timeout_s=0\.001 s",
+        ):
+            group.save_checkpoint(tmp_path / "ckpt")
+    finally:
+        group.deadlines = {}
+    free = ray.available_resources().get("CPU", 0.0)
+    with pytest.raises(LearnerHung, match=r"start-up did not return within rl\.startup_timeout_s=0\.001 s"):
+        PolicyLearnerGroup(policy_cfg(), tiny_model_dir, seed=0, deadlines={"start": ("rl.startup_timeout_s", 0.001)})
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0.0) < free and time.monotonic() < deadline:
+        time.sleep(0.2)  # the killed rank's CPU comes back once Ray has reaped it
+    assert ray.available_resources().get("CPU", 0.0) >= free
 
 
 def test_two_epochs_refresh_h_from_moved_weights(learner, batch):

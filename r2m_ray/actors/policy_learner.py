@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 EXPERIENCE_KEYS = ("input_ids", "attention_mask", "response_mask")
 RANK_AGREED = ("optimizer_steps", "nonfinite_skipped")  # equal on every rank: taken, not averaged
 TRAIN_KEYS = (*EXPERIENCE_KEYS, "advantages", "old_logp", "ref_logp")
+OPTIONAL_TRAIN_KEYS = ("behaviour_weight",)  # [B, T], the async loop's per-token weights
 
 
 def response_token_logprobs(logits: Tensor, input_ids: Tensor, response_mask: Tensor) -> Tensor:
@@ -188,30 +189,49 @@ class PolicyLearner(LearnerRank):
         return rows
 
     @torch.no_grad()
-    def experience(self, batch: dict[str, Tensor], num_micro: int | None = None) -> dict[str, Any]:
+    def experience(
+        self, batch: dict[str, Tensor], num_micro: int | None = None, sampler_temperature: float | None = None
+    ) -> dict[str, Any]:
         """Old per-token log-probs, response entropy and the feedback h from ONE eval-mode forward per row.
 
         ``num_micro``: micro-batch count (the group makes it equal on every rank, as ZeRO-3
         forwards are collectives); default ⌈rows / micro_batch_size⌉. Returns
-        ``{"old_logp": [B, T] float32, "entropy": float, "hidden_ref": ObjectRef, "rows": B}``.
+        ``{"old_logp": [B, T] float32, "entropy": float, "hidden_ref": ObjectRef, "rows": B}``;
+        with ``sampler_temperature`` τ also ``"sampler_logp"``: log softmax(logits/τ) of each
+        response token, the current weights' sampler (the async loop's behaviour weights).
         """
         rows = self._check(batch, EXPERIENCE_KEYS)
         batch = self.on_device(batch)
         self.engine.eval()
-        logps, hidden, ent_sum, ent_count = [], [], 0.0, 0
+        logps, sampler_logps, hidden, ent_sum, ent_count = [], [], [], 0.0, 0
         for sl in micro_batch_slices(rows, num_micro or math.ceil(rows / self.cfg.micro_batch_size)):
             ids, attn, resp = (batch[k][sl] for k in EXPERIENCE_KEYS)
             logp, logits, h = self._forward(ids, attn, resp)
             logps.append(logp)
+            if sampler_temperature is not None:
+                sampler_logps.append(self._at_temperature(logits, ids, resp, sampler_temperature))
             s, c = self._entropy_sum(logits)
             ent_sum, ent_count = ent_sum + s, ent_count + c
             hidden.append(h.to(self.hidden_dtype))
-        return {
+        out = {
             "old_logp": torch.cat(logps).cpu(),
             "entropy": ent_sum / max(ent_count, 1),
             "hidden_ref": self._put_hidden(hidden, batch["attention_mask"], batch["response_mask"]),
             "rows": rows,
         }
+        if sampler_temperature is not None:
+            out["sampler_logp"] = torch.cat(sampler_logps).cpu()
+        return out
+
+    @staticmethod
+    def _at_temperature(logits: Tensor, ids: Tensor, resp: Tensor, temperature: float) -> Tensor:
+        """[B, T] log-probs of the response tokens under softmax(logits/τ), placed like `_forward`'s."""
+        if temperature <= 0:
+            raise ValueError(f"sampler_temperature must be > 0, got {temperature}")
+        rows, cols = (resp[:, 1:] != 0).nonzero(as_tuple=True)
+        scaled = logits / temperature
+        picked = scaled.gather(-1, ids[rows, cols + 1].long()[:, None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
+        return torch.zeros(ids.shape, dtype=torch.float32, device=ids.device).index_put((rows, cols + 1), picked)
 
     # ------------------------------------------------------------------- train
 
@@ -226,7 +246,7 @@ class PolicyLearner(LearnerRank):
         """
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
-        rows = self._check(batch, TRAIN_KEYS)
+        rows = self._check(batch, TRAIN_KEYS + tuple(k for k in OPTIONAL_TRAIN_KEYS if k in batch))
         batch = self.on_device(batch)
         slices = micro_batch_slices(rows, num_micro or math.ceil(rows / self.cfg.micro_batch_size))
         self.train_calls += 1
@@ -237,7 +257,7 @@ class PolicyLearner(LearnerRank):
         skipped = 0
         for epoch in range(epochs):
             for i, sl in enumerate(slices):
-                mb = {k: batch[k][sl] for k in TRAIN_KEYS}
+                mb = {k: batch[k][sl] for k in (*TRAIN_KEYS, *OPTIONAL_TRAIN_KEYS) if k in batch}
                 resp = mb["response_mask"]
                 logp, logits, h = self._forward(mb["input_ids"], mb["attention_mask"], resp)
                 if epoch == epochs - 1:
@@ -251,6 +271,7 @@ class PolicyLearner(LearnerRank):
                     self.cfg.clip_eps,
                     kl=kl,
                     kl_coef=self.cfg.kl_coef,
+                    behaviour_weight=mb.get("behaviour_weight"),
                 )
                 if self._any_rank_nonfinite(loss):
                     # every rank skips this micro-batch together: backward is a collective
@@ -361,6 +382,7 @@ class PolicyLearnerGroup(LearnerGroup):
         model_dir: Path,
         seed: int,
         rank_options: Callable[[int], dict[str, Any]] | None = None,
+        deadlines: dict[str, tuple[str, float]] | None = None,
     ) -> None:
         self.cfg = cfg
         super().__init__(
@@ -372,6 +394,7 @@ class PolicyLearnerGroup(LearnerGroup):
             cfg.torch_threads,
             (cfg.model_dump_json(), str(model_dir), seed),
             rank_options,
+            deadlines,
         )
 
     def _slices(self, batch: dict[str, Tensor]) -> tuple[list[ray.ObjectRef], int]:
@@ -388,14 +411,16 @@ class PolicyLearnerGroup(LearnerGroup):
             )
         return self.put_slices(batch, bounds), num_micro
 
-    def experience_async(self, batch: dict[str, Tensor]) -> list[ray.ObjectRef]:
+    def experience_async(
+        self, batch: dict[str, Tensor], sampler_temperature: float | None = None
+    ) -> list[ray.ObjectRef]:
         """Start `experience` on every rank; refs in row order (cat their old_logp along dim 0)."""
         refs, num_micro = self._slices({k: batch[k] for k in EXPERIENCE_KEYS})
-        return [a.experience.remote(ref, num_micro) for a, ref in zip(self.actors, refs)]
+        return [a.experience.remote(ref, num_micro, sampler_temperature) for a, ref in zip(self.actors, refs)]
 
     def train_async(self, batch: dict[str, Tensor], epochs: int) -> list[ray.ObjectRef]:
         """Start `epochs` policy epochs on every rank; refs in row order, each with its h' hidden_ref."""
-        refs, num_micro = self._slices({k: batch[k] for k in TRAIN_KEYS})
+        refs, num_micro = self._slices({k: batch[k] for k in (*TRAIN_KEYS, *OPTIONAL_TRAIN_KEYS) if k in batch})
         return [a.train.remote(ref, epochs, num_micro) for a, ref in zip(self.actors, refs)]
 
     @staticmethod
@@ -415,11 +440,13 @@ class PolicyLearnerGroup(LearnerGroup):
         from r2m_ray.actors.weight_transfer import collective_backend
 
         backend = collective_backend(num_gpus_per_engine)
-        ip, port = ray.get(self.actors[0].address.remote())  # rank 0 hosts the group's store
+        ip, port = self._get(self.actors[0].address.remote(), "address")  # rank 0 hosts the group's store
         rendezvous = f"tcp://{ip}:{port}" if backend == "nccl" else rendezvous_for(ip, port)
         world_size = 1 + len(rollouts) * workers_per_engine
-        ray.get(
-            self._on_all_ranks("init_weight_transfer", backend, rendezvous, world_size, rollouts, workers_per_engine)
+        self._get(
+            self._on_all_ranks("init_weight_transfer", backend, rendezvous, world_size, rollouts, workers_per_engine),
+            "init_weight_transfer",
+            start=True,
         )
         self.extra_rendezvous.append(rendezvous)
 
@@ -429,5 +456,5 @@ class PolicyLearnerGroup(LearnerGroup):
         Checked on rank 0 first, apart: under ZeRO-3 the other ranks would otherwise
         start gathering while a refused rank 0 never joins them.
         """
-        ray.get(self.actors[0].check_weight_transfer.remote(version))
-        ray.get(self._on_all_ranks("send_weights"))
+        self._get(self.actors[0].check_weight_transfer.remote(version), "check_weight_transfer")
+        self._get(self._on_all_ranks("send_weights"), "send_weights")

@@ -29,7 +29,16 @@ from r2m_ray.rl_config import RolloutConfig
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ("prompt_index", "sample_index", "prompt_ids", "response_ids", "response_logprobs", "finish_reason", "text")
+COLUMNS = (
+    "prompt_index",
+    "sample_index",
+    "prompt_ids",
+    "response_ids",
+    "response_logprobs",
+    "finish_reason",
+    "text",
+    "weights_version",  # the weights the sample was drawn with (async rollout measures staleness by it)
+)
 # The engine's context never needs more than prompt + response; a 32k-position model
 # would otherwise reserve KV cache for 32k tokens per sequence.
 MAX_MODEL_LEN_CAP = 4096
@@ -323,11 +332,16 @@ class RolloutActor:
                 cols["response_logprobs"].append(lps)
                 cols["finish_reason"].append(finish)
                 cols["text"].append(self.tokenizer.decode(ids, skip_special_tokens=True))
+                cols["weights_version"].append(self.version)
         return cols
 
-    def update_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
-        """Load the policy's HF-named full weights; returns the new version (must increase)."""
-        if version <= self.version:
+    def update_weights(self, state_dict: dict[str, torch.Tensor], version: int, restore: bool = False) -> int:
+        """Load the policy's HF-named full weights; returns the new version (must increase).
+
+        `restore`: the driver reloads an older version on purpose (a restarted engine regenerates
+        a call that was sent before the last sync); the version may then go back.
+        """
+        if version <= self.version and not restore:
             raise ValueError(
                 f"update_weights: version {version} is not newer than the engine's {self.version}; "
                 "an out-of-order or repeated sync would roll the policy back"

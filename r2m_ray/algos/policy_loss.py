@@ -8,10 +8,17 @@
       l_t = −min(ρ_t A, clip(ρ_t, 1−ε, 1+ε) A)
   averaged over all real tokens of the batch (token mean) or per sequence then over
   sequences (sequence mean), plus β_KL · (the same average of the per-token KL).
+- Async rollout (samples drawn by the sampler of the previous weights, μ = π_{t−1,τ}): each
+  token's clipped term is multiplied by the truncated behaviour weight
+      w_t = min(π_{t,τ}(y_t) / μ(y_t), C)        (π_{t,τ}: the current weights at the sampling temperature τ)
+  so the gradient estimates the synchronous loop's, whose samples come from π_{t,τ}; the clip
+  ratio ρ stays relative to π_old = π_t (the decoupled objective of AReaL, Fu et al. 2025,
+  with the truncation of TIS, Yao et al. 2025). w is a constant (no gradient).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -84,6 +91,38 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: Literal["k1", "k3"] = "k1")
     raise ValueError(f"kind must be 'k1' or 'k3', got {kind!r}")
 
 
+def behaviour_weights(
+    sampler_logp: Tensor, behaviour_logp: Tensor, mask: Tensor, stale: Tensor, cap: float
+) -> tuple[Tensor, dict[str, float]]:
+    """Per-token w = min(exp(log π_{t,τ} − log μ), C) on the response tokens of stale rows, 1 elsewhere.
+
+    ``sampler_logp`` the current weights' log-probs at the sampling temperature, ``behaviour_logp``
+    the ones the engine sampled with, ``mask`` [B, T]; ``stale`` [B] bool, the rows drawn with
+    older weights. Stats over the stale rows' tokens: ``behaviour_weight_mean``,
+    ``behaviour_weight_capped`` (the share at C), ``behaviour_log_ratio`` (mean log π_{t,τ} − log μ).
+    """
+    if cap < 1:
+        raise ValueError(f"the behaviour weight cap must be >= 1, got {cap}")
+    for name, value in (("behaviour_logp", behaviour_logp), ("mask", mask)):
+        if value.shape != sampler_logp.shape:
+            raise ValueError(
+                f"{name} shape {tuple(value.shape)} does not match sampler_logp {tuple(sampler_logp.shape)}"
+            )
+    if stale.shape != sampler_logp.shape[:1]:
+        raise ValueError(f"stale must be [B]=[{sampler_logp.shape[0]}], got shape {tuple(stale.shape)}")
+    real = (mask != 0) & stale.unsqueeze(-1)
+    log_ratio = torch.where(real, sampler_logp - behaviour_logp, torch.zeros_like(sampler_logp))
+    weight = torch.exp(torch.clamp(log_ratio, max=math.log(cap)))
+    stats: dict[str, float] = {}
+    if real.any():
+        stats = {
+            "behaviour_weight_mean": float(weight[real].mean()),
+            "behaviour_weight_capped": float((log_ratio[real] >= math.log(cap)).float().mean()),
+            "behaviour_log_ratio": float(log_ratio[real].mean()),
+        }
+    return weight, stats
+
+
 def _reduce(x: Tensor, mask: Tensor, token_mean: bool) -> Tensor:
     """Token mean over the batch, or mean over sequences of each sequence's token mean."""
     if token_mean:
@@ -100,8 +139,12 @@ def clipped_policy_loss(
     kl: Tensor | None = None,
     kl_coef: float = 0.0,
     token_mean: bool = True,
+    behaviour_weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Clipped PPO loss L = mean_t[−min(ρ_t A, clip(ρ_t, 1−ε, 1+ε) A)] + β_KL · mean_t KL_t.
+    """Clipped PPO loss L = mean_t[−w_t·min(ρ_t A, clip(ρ_t, 1−ε, 1+ε) A)] + β_KL · mean_t KL_t.
+
+    ``behaviour_weight`` [B, T]: the async loop's w_t (``behaviour_weights``); None = 1 (on-policy
+    samples, the synchronous loop, whose numbers are then exactly those without the argument).
 
     ``logp``, ``old_logp``, ``mask`` [B, T]; ``advantages`` [B] per sequence, broadcast to its
     tokens; ``kl`` [B, T] a per-token estimate (``kl_penalty``) or None. ``token_mean``: average
@@ -125,6 +168,10 @@ def clipped_policy_loss(
         raise ValueError("kl_coef is non-zero but no per-token kl tensor was given")
     if kl is not None and kl.shape != logp.shape:
         raise ValueError(f"kl shape {tuple(kl.shape)} does not match logp shape {tuple(logp.shape)}")
+    if behaviour_weight is not None and behaviour_weight.shape != logp.shape:
+        raise ValueError(
+            f"behaviour_weight shape {tuple(behaviour_weight.shape)} does not match logp shape {tuple(logp.shape)}"
+        )
 
     old_logp = old_logp.detach()
     adv = advantages.detach().to(logp.dtype).unsqueeze(-1)
@@ -133,6 +180,8 @@ def clipped_policy_loss(
     unclipped = -ratio * adv
     clipped = -torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
     per_token = torch.maximum(unclipped, clipped)
+    if behaviour_weight is not None:
+        per_token = per_token * behaviour_weight.detach().to(per_token.dtype)
     pg_loss = _reduce(per_token, mask, token_mean)
     loss = pg_loss
     kl_value = torch.zeros((), dtype=logp.dtype, device=logp.device)

@@ -17,12 +17,15 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
+from r2m_ray.actors.distributed import LearnerHung
 from r2m_ray.actors.policy_learner import PolicyLearnerGroup
 from r2m_ray.actors.reference import ReferenceActor
 from r2m_ray.actors.reward_annotator import RewardAnnotator
@@ -36,8 +39,102 @@ from r2m_ray.placement import PlacementPlan, actor_nodes, actor_processes
 log = logging.getLogger(__name__)
 
 ACTOR_LOST = (ray.exceptions.RayActorError,)  # ActorDiedError, ActorUnavailableError
-STAGE_LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)  # + objects owned by a dead actor
+# + objects owned by a dead actor, and a learner-group call past its deadline (a hung rank or collective)
+STAGE_LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, LearnerHung)
 RESTART_TIMEOUT_S = 600  # a restarted engine reloads its model (and may recompile) before it answers
+
+
+@dataclass
+class PendingGenerate:
+    """A generate call in flight: which engine runs which prompts, with the step's seed."""
+
+    step: int
+    prompt_ids: list[list[int]]
+    chunks: list[list[int]]  # engine i → the prompt indices it was given
+    refs: dict[Any, int] = field(default_factory=dict)  # ObjectRef → engine
+    pids: list[int] | None = None  # the engines' pids when submitted (None: not tracked)
+    version: int | None = None  # the weights the engines held when it was sent (None: not tracked) ...
+    weights_ref: Any = None  # ... and their ObjectRef: a restarted engine regenerates with them
+
+
+def _submit_chunk(rollouts: list, pending: PendingGenerate, i: int, cfg: RunConfig) -> None:
+    ro = cfg.rl.rollout
+    ref = rollouts[i].generate.remote(
+        [pending.prompt_ids[j] for j in pending.chunks[i]],
+        ro.samples_per_prompt,
+        ro.temperature,
+        ro.top_p,
+        ro.max_new_tokens,
+        cfg.seed * 100_003 + pending.step,
+    )
+    pending.refs[ref] = i
+
+
+def submit_generate(
+    rollouts: list,
+    prompt_ids: list[list[int]],
+    cfg: RunConfig,
+    step: int,
+    pids: list[int] | None = None,
+    weights: tuple[int, Any] | None = None,
+) -> PendingGenerate:
+    """Spread prompts over the rollout actors and start them; `collect_generate` gathers the samples.
+
+    Each engine runs its calls in order, so a weight update sent after this call reaches the
+    engine after these samples are drawn (the async loop's one-step-off generate relies on it).
+    `pids` and `weights` (version, ObjectRef) record the engines and their weights at submission.
+    """
+    chunks = [list(range(i, len(prompt_ids), len(rollouts))) for i in range(len(rollouts))]
+    version, weights_ref = weights if weights is not None else (None, None)
+    pending = PendingGenerate(
+        step,
+        [list(p) for p in prompt_ids],
+        chunks,
+        pids=list(pids) if pids else None,
+        version=version,
+        weights_ref=weights_ref,
+    )
+    for i in range(len(rollouts)):
+        if chunks[i]:
+            _submit_chunk(rollouts, pending, i, cfg)
+    return pending
+
+
+def collect_generate(
+    pending: PendingGenerate,
+    rollouts: list,
+    cfg: RunConfig,
+    recover: Callable[[int, BaseException, PendingGenerate, Callable[[], None]], None] | None = None,
+) -> dict[str, list]:
+    """Collect as each engine finishes (ray.wait); prompt order kept.
+
+    When an engine dies mid-call, `recover(i, err, pending, resubmit)` waits for Ray to restart
+    actor i, loads the weights the call was sent with and calls `resubmit()`, which sends the
+    same chunk again with the same seed: the step's samples are the ones it would have had,
+    none lost and none twice.
+    """
+    rows: list[tuple[int, int, dict]] = []
+    deadline = time.monotonic() + cfg.rl.wait_timeout_s
+    while pending.refs:
+        done, _ = ray.wait(list(pending.refs), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not done:  # alive but not answering: a hung engine is treated as a lost one
+            raise ActorLost(
+                f"rl.rollout: engine(s) {sorted(pending.refs.values())} did not answer generate within "
+                f"rl.wait_timeout_s={cfg.rl.wait_timeout_s:g} s"
+            )
+        i = pending.refs.pop(done[0])
+        try:
+            out = ray.get(done[0])
+        except ACTOR_LOST as err:
+            if recover is None:
+                raise
+            recover(i, err, pending, lambda i=i: _submit_chunk(rollouts, pending, i, cfg))
+            continue
+        for j in range(len(out["prompt_index"])):
+            row = {k: v[j] for k, v in out.items()}
+            rows.append((pending.chunks[i][row["prompt_index"]], row["sample_index"], row))
+    rows.sort(key=lambda r: (r[0], r[1]))  # groups of K consecutive rows, one group per prompt
+    return {k: [r[2][k] if k != "prompt_index" else r[0] for r in rows] for k in rows[0][2]}
 
 
 def generate(
@@ -45,51 +142,10 @@ def generate(
     prompt_ids: list[list[int]],
     cfg: RunConfig,
     step: int,
-    recover: Callable[[int, BaseException], None] | None = None,
+    recover: Callable[[int, BaseException, PendingGenerate, Callable[[], None]], None] | None = None,
 ) -> dict[str, list]:
-    """Spread prompts over the rollout actors; collect as each finishes (ray.wait); prompt order kept.
-
-    When an engine dies mid-call, `recover(i, err)` waits for Ray to restart actor i and restores
-    its weights, and the same chunk is sent again with the same seed: the step's samples are
-    the ones it would have had, none lost and none twice.
-    """
-    ro = cfg.rl.rollout
-    chunks = [list(range(i, len(prompt_ids), len(rollouts))) for i in range(len(rollouts))]
-
-    def submit(i: int) -> ray.ObjectRef:
-        return rollouts[i].generate.remote(
-            [prompt_ids[j] for j in chunks[i]],
-            ro.samples_per_prompt,
-            ro.temperature,
-            ro.top_p,
-            ro.max_new_tokens,
-            cfg.seed * 100_003 + step,
-        )
-
-    pending = {submit(i): i for i in range(len(rollouts)) if chunks[i]}
-    rows: list[tuple[int, int, dict]] = []
-    deadline = time.monotonic() + cfg.rl.wait_timeout_s
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-        if not done:  # alive but not answering: a hung engine is treated as a lost one
-            raise ActorLost(
-                f"rl.rollout: engine(s) {sorted(pending.values())} did not answer generate within "
-                f"rl.wait_timeout_s={cfg.rl.wait_timeout_s:g} s"
-            )
-        i = pending.pop(done[0])
-        try:
-            out = ray.get(done[0])
-        except ACTOR_LOST as err:
-            if recover is None:
-                raise
-            recover(i, err)
-            pending[submit(i)] = i
-            continue
-        for j in range(len(out["prompt_index"])):
-            row = {k: v[j] for k, v in out.items()}
-            rows.append((chunks[i][row["prompt_index"]], row["sample_index"], row))
-    rows.sort(key=lambda r: (r[0], r[1]))  # groups of K consecutive rows, one group per prompt
-    return {k: [r[2][k] if k != "prompt_index" else r[0] for r in rows] for k in rows[0][2]}
+    """Generate and wait: `submit_generate` then `collect_generate`."""
+    return collect_generate(submit_generate(rollouts, prompt_ids, cfg, step), rollouts, cfg, recover)
 
 
 def sequence_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -98,6 +154,28 @@ def sequence_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], p
     ids, attn = pad_ids(seqs, pad_id, side="right")
     resp, _ = pad_ids([[0] * len(p) + [1] * len(r) for p, r in zip(prompt_ids, response_ids)], 0, side="right")
     return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
+
+
+def behaviour_logp_batch(prompt_ids: list[list[int]], response_logprobs: list[list[float]]) -> torch.Tensor:
+    """The engines' log-prob of each sampled token, placed like the learner's old_logp [B, T] (0 elsewhere)."""
+    rows = [torch.tensor([0.0] * len(p) + list(lp)) for p, lp in zip(prompt_ids, response_logprobs)]
+    return pad_sequence(rows, batch_first=True)
+
+
+def stale_rows(versions: list[int], learner_version: int, max_staleness: int, step: int) -> tuple[torch.Tensor, int]:
+    """([B] bool: rows drawn with weights older than the learner's, the batch's staleness in updates).
+
+    The versions are the engines' own account; a staleness above `max_staleness` would be a bug of
+    the loop, and stops it rather than train on it.
+    """
+    v = torch.tensor(versions)
+    staleness = int(learner_version - v.min())
+    if staleness > max_staleness:
+        raise RuntimeError(
+            f"rl step {step + 1}: samples drawn with weights v{int(v.min())} while the learner holds "
+            f"v{learner_version} (staleness {staleness} > rl.async.max_staleness={max_staleness})"
+        )
+    return v < learner_version, staleness
 
 
 class ActorLost(RuntimeError):
@@ -124,17 +202,20 @@ def get_one(ref: ray.ObjectRef, what: str, timeout_s: float) -> Any:
         raise ActorLost(f"{what}: no answer within rl.wait_timeout_s={timeout_s:g} s (hung)") from None
 
 
-def get_all(refs: list[ray.ObjectRef], what: str, timeout_s: float | None = None) -> list[Any]:
+def get_all(
+    refs: list[ray.ObjectRef], what: str, timeout_s: float | None = None, key: str = "rl.wait_timeout_s"
+) -> list[Any]:
     """ray.get of every ref, failing at the FIRST failure: when one DeepSpeed rank dies the others
-    wait in a collective, so a plain ray.get of the list would wait with them. With `timeout_s`,
-    refs not done by then raise ActorLost too (a hung rank or collective ends in a stage restart)."""
+    wait in a collective, so a plain ray.get of the list would wait with them. With `timeout_s`
+    (the config `key` that set it), refs not done by then raise ActorLost too (a hung rank or
+    collective ends in a stage restart)."""
     pending = list(refs)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while pending:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         done, pending = ray.wait(pending, num_returns=1, timeout=left)
         if not done:
-            raise ActorLost(f"{what}: {len(pending)} call(s) did not return within rl.wait_timeout_s={timeout_s:g} s")
+            raise ActorLost(f"{what}: {len(pending)} call(s) did not return within {key}={timeout_s:g} s")
         try:
             ray.get(done[0])
         except ACTOR_LOST as err:
@@ -154,6 +235,7 @@ class RLActors:
         self.pids: dict[str, list[int]] = {}  # role -> pid of each actor's current incarnation
         self.latest: dict[str, Any] = {"ref": None, "version": 0}  # the weights every engine must serve
         self.head_version = 0  # the head version the annotator must hold (0 = its initial head)
+        self.policy_version = 0  # the version of the learner's weights: the last one sent to the engines
         self.detector: list[list[float]] | None = None  # the hacking monitor the annotator must hold
         self.learner: PolicyLearnerGroup | None = None
         self.reference = self.annotator = self.head_learner = None
@@ -174,7 +256,13 @@ class RLActors:
             )
             for i in range(rl.rollout.num_actors)
         ]
-        self.learner = PolicyLearnerGroup(rl.policy, policy_dir, seed, lambda r: self.plan.options("policy", r))
+        deadlines = {
+            "start": ("rl.startup_timeout_s", rl.startup_timeout_s),
+            "call": ("rl.wait_timeout_s", rl.wait_timeout_s),
+        }
+        self.learner = PolicyLearnerGroup(
+            rl.policy, policy_dir, seed, lambda r: self.plan.options("policy", r), deadlines
+        )
         self.reference = ReferenceActor.options(
             **self.plan.options("reference", 0),
             max_restarts=rl.reference_max_restarts,
@@ -204,7 +292,10 @@ class RLActors:
     def wait_ready(self, run_path: Path) -> dict[str, list[str]]:
         """Wait for every engine (model load, first compile), open the collective group if configured,
         write actors.json (node and pid of each actor); returns each role's node ids."""
-        ray.get([r.ping.remote() for r in self.rollouts] + [self.annotator.head_version.remote()])
+        started = [r.ping.remote() for r in self.rollouts] + [self.annotator.head_version.remote()]
+        get_all(
+            started, "actor start-up (rollout engines, annotator)", self.rl.startup_timeout_s, "rl.startup_timeout_s"
+        )
         if self.rl.rollout.weight_sync == "collective":
             assert self.learner is not None
             ro = self.rl.rollout  # each engine's tensor-parallel workers all join the group
@@ -228,17 +319,47 @@ class RLActors:
         self.pids[role][index] = pid
         return True
 
-    def recover_rollout(self, i: int, err: BaseException) -> None:
-        """Engine i failed a call: wait for its restart (its __init__ loads the initial weights), restore the latest."""
+    def recover_rollout(
+        self,
+        i: int,
+        err: BaseException,
+        pending: PendingGenerate | None = None,
+        resubmit: Callable[[], None] | None = None,
+    ) -> None:
+        """Engine i failed a call: wait for its restart (its __init__ loads the initial weights), load
+        the weights the call was sent with, `resubmit()` it, and leave the engine on the latest weights.
+
+        A call sent before a weight sync and collected after it (the async loop's prefetched
+        generate) is regenerated with its own, older weights; if the driver already met the new
+        incarnation at that sync (`pending.pids` differ), it only needs those weights reloaded.
+        """
         log.warning("rollout actor %d failed a call (%s); waiting for it to come back", i, type(err).__name__)
-        if not self._new_incarnation("rollout", i, self.rollouts[i], "rollout"):
-            raise ActorLost(f"rollout actor {i} is alive but its call failed: an input's owner died ({err})") from err
-        if self.rl.rollout.weight_sync == "collective":
-            # a new engine cannot join the running transfer group: restart the stage (all engines, one new group)
-            raise ActorLost(f"rollout actor {i} restarted; weight_sync=collective re-forms its group from a checkpoint")
-        if self.latest["version"] > 0:
-            ref = self.rollouts[i].update_weights.remote(self.latest["ref"], self.latest["version"])
-            get_one(ref, f"rollout actor {i} (weight reload)", self.rl.wait_timeout_s)
+        latest = self.latest["version"]
+        if pending is not None and pending.pids is not None and self.pids["rollout"][i] != pending.pids[i]:
+            engine_version = latest  # restored to the latest weights when the driver met it
+        else:
+            if not self._new_incarnation("rollout", i, self.rollouts[i], "rollout"):
+                raise ActorLost(
+                    f"rollout actor {i} is alive but its call failed: an input's owner died ({err})"
+                ) from err
+            if self.rl.rollout.weight_sync == "collective":
+                # a new engine cannot join the running transfer group: restart the stage (all engines, one new group)
+                raise ActorLost(
+                    f"rollout actor {i} restarted; weight_sync=collective re-forms its group from a checkpoint"
+                )
+            engine_version = 0
+        want = latest if pending is None or pending.version is None else pending.version
+        if want != engine_version:
+            ref = self.latest["ref"] if want == latest else pending.weights_ref if pending is not None else None
+            if ref is None:
+                raise ActorLost(f"rollout actor {i} restarted and the weights v{want} of its lost call are gone")
+            load = self.rollouts[i].update_weights.remote(ref, want, True)
+            get_one(load, f"rollout actor {i} (weight reload v{want})", self.rl.wait_timeout_s)
+        if resubmit is not None:
+            resubmit()
+        if want != latest:  # behind the regenerated call: back to what the next generate and sync expect
+            load = self.rollouts[i].update_weights.remote(self.latest["ref"], latest)
+            get_one(load, f"rollout actor {i} (weight reload v{latest})", self.rl.wait_timeout_s)
 
     def recover_annotator(self, err: BaseException) -> None:
         """Wait for Ray to restart the annotator (frozen RM + initial head), then restore the head."""
@@ -247,11 +368,12 @@ class RLActors:
             raise ActorLost(f"the annotator is alive but its call failed: an input's owner died ({err})") from err
         if self.head_learner is not None and self.head_version > 0:
             try:
-                ray.get(self.annotator.load_head.remote(self.head_learner.head_state.remote(), self.head_version))
+                load = self.annotator.load_head.remote(self.head_learner.head_state.remote(), self.head_version)
+                get_one(load, "annotator.load_head (restore)", self.rl.wait_timeout_s)
             except ACTOR_LOST as lost:
                 raise ActorLost(f"head learner lost while restoring the annotator's head ({lost})") from lost
         if self.detector is not None:
-            ray.get(self.annotator.set_detector.remote(self.detector))
+            get_one(self.annotator.set_detector.remote(self.detector), "annotator.set_detector", self.rl.wait_timeout_s)
 
     def annotator_call(self, method: str, *args: Any) -> Any:
         """One annotator call, repeated on the restarted actor if it died (its answers are deterministic)."""
@@ -266,6 +388,7 @@ class RLActors:
     def sync_weights(self, version: int) -> None:
         """Policy weights → every engine: one broadcast (collective) or one put + a reload per engine."""
         assert self.learner is not None
+        self.policy_version = version
         if self.rl.rollout.weight_sync == "collective":
             try:
                 self.learner.send_weights(version)

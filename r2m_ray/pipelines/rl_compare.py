@@ -168,12 +168,14 @@ COLUMNS = [  # (header, record key, digits)
     ("late agreement", "late_agreement", 2),
     ("late hacked", "late_hacked", 2),
     ("RM acc (feedback)", "rm_accuracy_feedback", 3),
+    ("step-loop s", "seconds", 1),  # wall time of the RL steps (actor start-up apart)
 ]
 PAIRED = [
     ("peak gold", "peak_gold", 3),
     ("seq KL at peak", "kl_at_peak", 2),
     ("late gold", "late_gold", 3),
     ("win rate vs SFT", "win_rate", 3),
+    ("step-loop s", "seconds", 1),
 ]
 
 

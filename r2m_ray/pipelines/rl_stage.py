@@ -17,6 +17,13 @@ the share of reward-hacked samples (rl_measure.py); RM accuracy on gold-labelled
 pairs with and without policy feedback every rl.eval_every steps; wall time per phase; and
 at the end the final policy's gold win rate against the starting policy on held-out prompts.
 
+rl.async.max_staleness=1 (one-step-off): step t+1's generate starts as soon as step t's samples
+are in, on the engines' weights of then (step t−1's update), and runs while step t computes
+experience, rewards and its policy epochs; the weight sync after step t reaches each engine
+after that generate (an actor runs its calls in order). The policy loss reweights the stale
+samples by min(π_{t,τ}/μ, C) (algos/policy_loss.py); the experience forward, and so R2M's
+feedback h, is the current policy's. Each step logs the staleness the engines report.
+
 rl.reward.mode: `frozen` (the RM), `r2m` (the RM + the R2M head on policy feedback), `gold`
 (the world's gold reward: the upper bound). rl.reward.r2m.labels=oracle picks GREBT's
 winner/loser by gold instead of by the annotation-time rewards.
@@ -34,7 +41,7 @@ from datasets import Dataset
 
 from r2m_ray.actors.policy_learner import PolicyLearnerGroup
 from r2m_ray.actors.reward_head_learner import self_labelled_groups
-from r2m_ray.algos.policy_loss import grpo_advantages, rloo_advantages
+from r2m_ray.algos.policy_loss import behaviour_weights, grpo_advantages, rloo_advantages
 from r2m_ray.atomic_write import atomic_write_text
 from r2m_ray.config import RunConfig
 from r2m_ray.data.tokenize import load_prompts, tokenize_prompts
@@ -46,11 +53,15 @@ from r2m_ray.pipelines.rl_actors import (
     ACTOR_LOST,
     STAGE_LOST,
     ActorLost,
+    PendingGenerate,
     RLActors,
-    generate,
+    behaviour_logp_batch,
+    collect_generate,
     get_all,
     get_one,
     sequence_batch,
+    stale_rows,
+    submit_generate,
 )
 from r2m_ray.pipelines.rl_measure import (
     RLEvalData,
@@ -62,7 +73,8 @@ from r2m_ray.pipelines.rl_measure import (
     split_eval_data,
     win_rate,
 )
-from r2m_ray.ray_setup import check_resources
+from r2m_ray.placement import role_demands
+from r2m_ray.ray_setup import check_demands
 from r2m_ray.rl_checkpoint import CheckpointStore, DriverState
 from r2m_ray.run_inputs import sha256_path
 from r2m_ray.rundir import RunDir
@@ -106,9 +118,7 @@ def run_rl_stage(
             "they work on the world's prompts only (leave data.prompts unset)"
         )
     prompts, evals = split_eval_data(cfg, world_paths, tokenizer, prompts)
-    check_resources(
-        "rl.rollout (RolloutActor)", rl.rollout.num_actors, rl.rollout.num_cpus_per_actor, rl.rollout.num_gpus_per_actor
-    )
+    check_demands("rl", role_demands(rl))  # every role, alone on a node and all together: no actor waits forever
     d_policy = hidden_size(policy_dir)
     # the starting policy and RM are hashed once; a resume refuses them if they changed at the same path
     inputs = {"policy checkpoint": sha256_path(policy_dir), "reward-model checkpoint": sha256_path(rm_ckpt)}
@@ -191,6 +201,7 @@ def run_rl_stage(
         "policy_start": str(policy_dir),  # what the run started from (eval feedback reads them back)
         "reward_checkpoint": str(rm_ckpt),
         "steps": rl.steps,
+        "max_staleness": rl.async_.max_staleness,
         "gold_reward": {"initial": history[0].get("gold_reward"), "final": history[-1].get("gold_reward")},
         "proxy_reward": {"initial": history[0]["proxy_reward"], "final": history[-1]["proxy_reward"]},
         "kl": {"final": history[-1]["kl"]},
@@ -236,6 +247,7 @@ def train_steps(
     feedback_path = mode == "r2m" and not r2m.iterative  # the reward reads policy hidden states
     monitor = rl.hacking_monitor and heldout is not None  # the hidden-state detector of reward hacking
     heldout_batch = sequence_batch(*evals.heldout_rows, pad_id) if evals.heldout_rows is not None else None
+    async_rollout = rl.async_.max_staleness > 0
 
     def rm_accuracy_refs(t: int) -> dict[str, tuple] | None:
         """Held-out RM accuracy at ω(t), left running: without feedback, and (when the reward reads it)
@@ -336,16 +348,40 @@ def train_steps(
     if winrate_ids is not None and state.step == 0 and state.winrate_start_gold is None:  # engines: the start
         state.winrate_start_gold = heldout_gold(actors, evals.winrate_prompts, cfg)
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
+
+    def step_prompts(t: int) -> tuple[list[int], Dataset]:
+        """Step t's prompts: a function of t, so a resume repeats them."""
+        idx = [order[(t * rl.prompts_per_step + i) % len(order)] for i in range(rl.prompts_per_step)]
+        return idx, prompts.select(idx)
+
+    def submit(t: int) -> PendingGenerate:
+        """Start step t's generate (its sampling seed is a function of t) on the engines' current weights."""
+        ids = step_prompts(t)[1]["prompt_input_ids"]
+        weights = (actors.latest["version"], actors.latest["ref"])
+        return submit_generate(actors.rollouts, ids, cfg, t, actors.pids["rollout"], weights)
+
+    def collect(pending: PendingGenerate) -> dict[str, list]:
+        return collect_generate(pending, actors.rollouts, cfg, actors.recover_rollout)
+
+    if async_rollout and rl.rollout.weight_sync == "object_store" and actors.latest["ref"] is None:
+        # the starting weights as an object: a restarted engine may have to regenerate with them
+        actors.latest.update(ref=learner.state_dict_ref(), version=actors.policy_version)
     unfinished: tuple | None = None  # (t, metrics, head refs, accuracy ref) of the previous step
+    in_flight: PendingGenerate | None = None  # async: the next step's generate, running during this step
     seconds_before, t_start = state.seconds, time.perf_counter()
     every = rl.checkpoint.every
     for t in range(state.step, T):
         phase: dict[str, float] = {}
         tick = time.perf_counter()
-        # 1. generate (data position and sampling seed are functions of t: a resume repeats them)
-        idx = [order[(t * rl.prompts_per_step + i) % len(order)] for i in range(rl.prompts_per_step)]
-        rows = prompts.select(idx)
-        samples = generate(actors.rollouts, rows["prompt_input_ids"], cfg, t, actors.recover_rollout)
+        # 1. generate. Synchronous: now, with the weights this step trains. Async (max_staleness=1):
+        # it was started during step t−1 on the engines' weights then, those of step t−1; a resume
+        # finds those samples in the checkpoint (state.pending), as the engines now hold newer ones
+        idx, rows = step_prompts(t)
+        if state.pending is not None:
+            samples, state.pending = state.pending, None
+        else:
+            samples = collect(in_flight if in_flight is not None else submit(t))
+        in_flight = submit(t + 1) if async_rollout and t + 1 < T else None
         phase["generate"] = time.perf_counter() - tick
         if unfinished is not None:  # the last step's head update and evaluation ran during generate
             finish_step(*unfinished)
@@ -359,8 +395,20 @@ def train_steps(
         ref_logp_ref = reference.token_logprobs.remote(
             batch["input_ids"], batch["attention_mask"], batch["response_mask"]
         )
-        exp = get_all(learner.experience_async(batch), "policy learner (experience)", rl.wait_timeout_s)
+        stale, staleness = stale_rows(samples["weights_version"], actors.policy_version, rl.async_.max_staleness, t)
+        temperature = rl.rollout.temperature if bool(stale.any()) else None  # π_{t,τ} for the behaviour weights
+        exp = get_all(learner.experience_async(batch, temperature), "policy learner (experience)", rl.wait_timeout_s)
         old_logp = torch.cat([e["old_logp"] for e in exp])
+        async_stats = {"staleness": staleness, "stale_fraction": float(stale.float().mean())}
+        if temperature is not None:
+            batch["behaviour_weight"], weight_stats = behaviour_weights(
+                torch.cat([e["sampler_logp"] for e in exp]),
+                behaviour_logp_batch(samples["prompt_ids"], samples["response_logprobs"]),
+                batch["response_mask"],
+                stale,
+                rl.async_.behaviour_weight_cap,
+            )
+            async_stats.update(weight_stats)
         hidden_refs = [e["hidden_ref"] for e in exp]
         ref_logp = get_one(ref_logp_ref, "reference actor", rl.wait_timeout_s)
         phase["experience"], tick = time.perf_counter() - tick, time.perf_counter()
@@ -427,6 +475,7 @@ def train_steps(
             "phase_seconds": phase,
             "n_tokens": n_tokens,
             "policy": policy_stats,
+            **async_stats,
         }
         if has_gold:
             metrics.update(gold_metrics)
@@ -440,6 +489,8 @@ def train_steps(
         if every and ((t + 1) % every == 0 or t + 1 == T):
             finish_step(*unfinished)
             unfinished = None
+            if in_flight is not None:  # the next step's samples, drawn with weights no checkpoint holds
+                state.pending, in_flight = collect(in_flight), None
             save_checkpoint(t, seconds_before + time.perf_counter() - t_start)
     if unfinished is not None:
         finish_step(*unfinished)

@@ -37,7 +37,7 @@ from r2m_ray.eval.plots import plot_rm_training
 from r2m_ray.eval.rm_accuracy import accuracy_report, score_pairs
 from r2m_ray.models.registry import load_tokenizer
 from r2m_ray.models.reward_model import RewardModel
-from r2m_ray.ray_setup import init_ray
+from r2m_ray.ray_setup import check_demands, init_ray
 from r2m_ray.run_inputs import sha256_path
 from r2m_ray.rundir import RunDir
 
@@ -133,7 +133,12 @@ def train_member(cfg: RunConfig, run: RunDir, train: Dataset, model_dir: Path, p
     """Train one reward model (one ensemble member) and save it; returns its checkpoint dir."""
     rm = cfg.rm
     seed = cfg.seed + 1000 * member
-    cfg_json = json.dumps(cfg.model_dump(mode="json"))
+    cfg_json = json.dumps(cfg.model_dump(mode="json", by_alias=True))
+    ds = rm.deepspeed
+    demands = {"deepspeed": [{"CPU": ds.num_cpus_per_rank, "GPU": ds.num_gpus_per_rank}] * ds.ranks}
+    if rm.prioritizer.enabled:  # it scores the coming batches while the learners train: both at once
+        demands["prioritizer"] = [{"CPU": rm.prioritizer.num_cpus}]
+    check_demands("rm", demands)
     group = RMLearnerGroup(cfg_json, rm, model_dir, seed)
     collate = PreferenceCollator(pad_token_id=pad_id, padding_side="right")
     steps = rm.epochs * (len(train) // rm.batch_size)
