@@ -354,9 +354,10 @@ def train_steps(
         idx = [order[(t * rl.prompts_per_step + i) % len(order)] for i in range(rl.prompts_per_step)]
         return idx, prompts.select(idx)
 
-    def submit(t: int) -> PendingGenerate:
-        """Start step t's generate (its sampling seed is a function of t) on the engines' current weights."""
-        ids = step_prompts(t)[1]["prompt_input_ids"]
+    def submit(t: int, rows: Dataset | None = None) -> PendingGenerate:
+        """Start step t's generate (its sampling seed is a function of t) on the engines' current weights;
+        `rows`: step t's prompts when the caller has them already."""
+        ids = (rows if rows is not None else step_prompts(t)[1])["prompt_input_ids"]
         weights = (actors.latest["version"], actors.latest["ref"])
         return submit_generate(actors.rollouts, ids, cfg, t, actors.pids["rollout"], weights)
 
@@ -380,7 +381,7 @@ def train_steps(
         if state.pending is not None:
             samples, state.pending = state.pending, None
         else:
-            samples = collect(in_flight if in_flight is not None else submit(t))
+            samples = collect(in_flight if in_flight is not None else submit(t, rows))
         in_flight = submit(t + 1) if async_rollout and t + 1 < T else None
         phase["generate"] = time.perf_counter() - tick
         if unfinished is not None:  # the last step's head update and evaluation ran during generate
