@@ -7,6 +7,7 @@ dotted overrides, e.g. `r2m-ray rm jobs/quickstart.yaml rm.grm.regulariser=sft`.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -70,11 +71,34 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # EFBIG: a file size limit (ulimit -f) was hit
+DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def describe_os_error(err: OSError, writes_to: str | None = None) -> tuple[str, int]:
+    """One line naming the file (else the directory the command writes to) and what to do, and the
+    exit code (2 when the input is at fault)."""
+    named = " -> ".join(str(f) for f in (err.filename, err.filename2) if f)
+    where = named or (f"a file under {writes_to}" if writes_to else "a file")
+    if err.errno in FULL:
+        return (
+            f"writing {where}: {err.strerror}; the disk is full or a size limit was hit. Free space, then "
+            "continue with `r2m-ray run --resume RUN_DIR` (finished stages and checkpoints are kept)",
+            1,
+        )
+    if err.errno in DENIED:
+        return f"{where}: {err.strerror}; the user running r2m-ray cannot write there (choose another output_dir)", 2
+    return f"{where}: {err.strerror}", 2
+
+
 def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
     config = None
     overrides = []
     for a in args:
         if "=" in a:
+            key = a.split("=", 1)[0].strip()
+            if any(o.split("=", 1)[0].strip() == key for o in overrides):  # which one was meant is a guess
+                raise ConfigError(f"override {key} is given twice on the command line; give each key once")
             overrides.append(a)
         elif config is None:
             config = a
@@ -145,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ns = _parser().parse_args(argv)
+    writes_to = ns.run_dir
     try:
         if ns.command == "compare":
             from r2m_ray.pipelines.compare import run_compare
@@ -174,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             ns.run_dir = resume
             config = config or str(Path(resume, "config.yaml"))
         cfg = load_config(config, overrides)
+        writes_to = ns.run_dir or cfg.output_dir  # named when a write fails without a file name
         if ns.command == "world":
             from r2m_ray.pipelines.full_run import run_world
             from r2m_ray.rundir import RunDir
@@ -241,11 +267,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # an actor that died: say which, not a 60-line Ray traceback
         import ray
 
-        from r2m_ray.pipelines.rl_actors import ActorLost
+        from r2m_ray.pipelines.waits import ActorLost
 
         if isinstance(err, ActorLost) and not os.environ.get("R2M_RAY_DEBUG"):
             print(f"r2m-ray: error: {err}", file=sys.stderr)
             return 1
+        if isinstance(err, OSError) and err.strerror and not os.environ.get("R2M_RAY_DEBUG"):
+            message, code = describe_os_error(err, writes_to)
+            print(f"r2m-ray: error: {message}", file=sys.stderr)
+            return code
         if not isinstance(err, ray.exceptions.RayError) or os.environ.get("R2M_RAY_DEBUG"):
             raise
         first = str(err).strip().splitlines()

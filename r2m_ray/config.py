@@ -108,6 +108,12 @@ class RMConfig(Section):
     lora: LoRAConfig = LoRAConfig()
     optim: OptimConfig = OptimConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    # deadlines of the driver's waits (docs/operations.md, "Deadlines"): a hung rank, prioritiser or
+    # reference ends the member's attempt like a dead one, and the member trains again from its start
+    # (same seed, same result) at most max_restarts times
+    wait_timeout_s: float = Field(default=1800.0, gt=0)  # each training step, score, refresh, save
+    startup_timeout_s: float = Field(default=1800.0, gt=0)  # the ranks' and the prioritiser's model load
+    max_restarts: int = Field(default=1, ge=0)
 
     @model_validator(mode="after")
     def _lora_limits(self) -> RMConfig:
@@ -192,9 +198,45 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                problem = f"duplicate key {key!r} (line {line}; first given on line {seen[key]})"
+                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_file(path: Path) -> Any:
+    """A YAML file with the errors an operator can act on: the file, the line, the duplicate key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} on line {line})") from None
+    if not text.strip():
+        raise ConfigError(f"{path}: the file is empty (write {{}} to take every default)")
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.constructor.ConstructorError as err:
+        if (err.problem or "").startswith("duplicate key"):
+            raise ConfigError(f"{path}: {err.problem}; give each key once") from None
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """Parse 'a.b=value' strings; values are YAML scalars/lists ('0.1', 'true', '[1,2]')."""
-    parsed = []
+    """Parse 'a.b=value' strings; values are YAML scalars/lists ('0.1', 'true', '[1,2]').
+
+    A later override of a key wins (a compare arm's over its base); a value that is not YAML is refused."""
+    parsed: list[tuple[str, Any]] = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key.sub=value")
@@ -202,7 +244,12 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key = key.strip()
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override '{item}' has an empty key")
-        parsed.append((key, yaml.safe_load(raw) if raw.strip() else ""))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            problem = str(err).splitlines()[0]
+            raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({problem})") from None
+        parsed.append((key, value))
     return parsed
 
 
@@ -231,10 +278,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     path = Path(path) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    tree = load_yaml_file(path)
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(tree).__name__}")
     tree = copy.deepcopy(tree)

@@ -11,9 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class Section(BaseModel):
-    """A node of the config tree: strict keys, validated assignment."""
+    """A node of the config tree: strict keys, validated assignment, finite numbers (a NaN or inf
+    learning rate, temperature or bound is always a typo that would surface inside an actor)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class OptimConfig(Section):

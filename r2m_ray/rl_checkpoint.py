@@ -65,6 +65,9 @@ RESUMABLE_KEYS = (
     "rl.rollout.max_restarts",
     "rl.reward.max_restarts",
     "rl.reference_max_restarts",
+    "rm.wait_timeout_s",
+    "rm.startup_timeout_s",
+    "rm.max_restarts",
     "output_dir",
 )
 

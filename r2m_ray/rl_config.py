@@ -206,6 +206,7 @@ class RLConfig(Section):
         protected_namespaces=(),
         populate_by_name=True,
         serialize_by_alias=True,
+        allow_inf_nan=False,
     )
 
     steps: int = Field(default=20, ge=1)  # T

@@ -69,6 +69,10 @@ CONFIG_CASES = {
     "bf16 on the HF rollout backend": (["rl", QUICK, "rl.rollout.backend=hf", "rl.rollout.dtype=bfloat16"], ["dtype"]),
     "checkpoints kept < 1": (["rl", QUICK, "rl.checkpoint.keep_last=0"], ["rl.checkpoint.keep_last"]),
     "resume a directory that is not a run": (["run", "--resume", "/nonexistent/run"], ["/nonexistent/run"]),
+    "NaN learning rate": (["rm", QUICK, "rm.optim.lr=nan"], ["rm.optim.lr", "finite"]),
+    "infinite learning rate": (["rl", QUICK, "rl.policy.optim.lr=inf"], ["rl.policy.optim.lr", "finite"]),
+    "infinite deadline": (["rm", QUICK, "rm.wait_timeout_s=.inf"], ["rm.wait_timeout_s", "finite"]),
+    "override value that is not YAML": (["rm", QUICK, "data.extra_eval=[a,"], ["data.extra_eval", "not valid YAML"]),
 }
 
 
@@ -258,5 +262,7 @@ def test_nonfinite_weights_in_a_checkpoint_are_named(tmp_path):
 
     path = tmp_path / "model.safetensors"
     save_file({"a": torch.zeros(2), "b": torch.tensor([1.0, float("nan")])}, str(path))
-    with pytest.raises(ValueError, match="b"):
+    with pytest.raises(
+        ValueError, match=r"^rl.policy_checkpoint: non-finite values \(NaN/inf\) in model.safetensors:b$"
+    ):
         check_weights_finite(tmp_path, "rl.policy_checkpoint")

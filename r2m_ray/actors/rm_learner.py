@@ -177,6 +177,10 @@ class RMLearnerGroup(LearnerGroup):
             (ds.num_cpus_per_rank, ds.num_gpus_per_rank),
             ds.torch_threads,
             (cfg_json, str(model_dir), seed),
+            deadlines={
+                "start": ("rm.startup_timeout_s", rm.startup_timeout_s),
+                "call": ("rm.wait_timeout_s", rm.wait_timeout_s),
+            },
         )
 
     def train_step_async(self, batch: dict[str, torch.Tensor]) -> list[ray.ObjectRef]:

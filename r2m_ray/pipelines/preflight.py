@@ -27,16 +27,26 @@ def check_model_dir(path: str | Path, key: str) -> Path:
         raise FileNotFoundError(f"{key}: directory {str(path)!r} does not exist")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{key}: {str(path)!r} holds no config.json; it must be an HF model directory")
+    try:
+        json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{key}: config.json in {str(path)!r} is not valid JSON ({err})") from None
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{key}: {str(path)!r} holds no *.safetensors weights (pickle checkpoints are refused)")
-    for f in files:
+    check_safetensors_files(path, key)
+    return path
+
+
+def check_safetensors_files(path: Path, key: str) -> None:
+    """Every *.safetensors file in `path` has a readable header that covers the whole file (a
+    truncated or overwritten file fails here)."""
+    for f in sorted(path.glob("*.safetensors")):
         try:
             with safe_open(str(f), framework="pt") as handle:
                 handle.keys()
         except (SafetensorError, OSError) as err:
             raise ValueError(f"{key}: {f.name} in {str(path)!r} is not a readable safetensors file ({err})") from None
-    return path
 
 
 def check_weights_finite(path: str | Path, key: str) -> None:
@@ -53,7 +63,8 @@ def check_weights_finite(path: str | Path, key: str) -> None:
 
 
 def check_reward_checkpoint(path: str | Path, key: str) -> Path:
-    """A RewardModel directory as the rm stage writes it (reward_model.json, value head, backbone)."""
+    """A RewardModel directory as the rm stage writes it (reward_model.json, value head, backbone,
+    a tokenizer that fits the backbone); returns `path`."""
     from r2m_ray.models.reward_model import HEAD_FILE, META_FILE
 
     path = Path(path).expanduser()
@@ -72,20 +83,45 @@ def check_reward_checkpoint(path: str | Path, key: str) -> Path:
     if not (path / HEAD_FILE).is_file():
         raise FileNotFoundError(f"{key}: {str(path)!r} lacks the value head file {HEAD_FILE}")
     check_model_dir(backbone, f"{key} (backbone)")
+    check_safetensors_files(path, key)
     check_weights_finite(path, key)  # the value head (top-level files only): small, read in full
+    tokenizer_dir = path if (path / "tokenizer_config.json").is_file() else backbone  # as the annotator reads it
+    check_tokenizer(tokenizer_dir, key, model_dir=backbone)
     return path
 
 
-def check_tokenizer(path: Path, key: str) -> None:
-    """A pad token is required: batches are padded and the padding is masked by its id."""
-    from transformers import AutoTokenizer
+def check_tokenizer(path: Path, key: str, model_dir: Path | None = None) -> None:
+    """The tokenizer loads, has a pad token (batches are padded and masked by its id) and every id
+    it can produce has a row in the model's embedding (`model_dir`, default `path`): a tokenizer
+    from another model fails here, not as an index error inside an actor."""
+    from transformers import AutoConfig, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{key}: cannot load the tokenizer in {str(path)!r} ({first})") from None
     if tok.pad_token_id is None:
         raise ValueError(
             f"{key}: the tokenizer in {str(path)!r} has no pad token; give the model through "
             "model.preset=path (which adds one) or add a pad token to tokenizer_config.json"
         )
+    model_dir = model_dir or path
+    vocab = AutoConfig.from_pretrained(str(model_dir)).get_text_config().vocab_size
+    if vocab is not None and len(tok) > vocab:
+        raise ValueError(
+            f"{key}: the tokenizer in {str(path)!r} has {len(tok)} tokens but the model in {str(model_dir)!r} "
+            f"embeds only {vocab}; it belongs to another model (save the checkpoint with its own tokenizer)"
+        )
+
+
+def check_sequence_fits(model_dir: Path, length: int, key: str, what: str) -> None:
+    """`length` tokens fit the model's position table (max_position_embeddings, when it has one)."""
+    from transformers import AutoConfig
+
+    limit = getattr(AutoConfig.from_pretrained(str(model_dir)).get_text_config(), "max_position_embeddings", None)
+    if limit is not None and length > limit:
+        raise ValueError(f"{key}: {what} = {length} tokens, but {str(model_dir)!r} has only {limit} positions")
 
 
 def head_dim_of(path: Path) -> int:
@@ -121,5 +157,13 @@ def preflight_rl(cfg: RunConfig, policy_dir: Path | None, rm_ckpt: Path | None) 
         check_model_dir(policy_dir, key)
         check_tokenizer(policy_dir, key)
         check_rollout_model(cfg, policy_dir, key)
+        longest = cfg.data.max_prompt_length + cfg.rl.rollout.max_new_tokens
+        what = "data.max_prompt_length + rl.rollout.max_new_tokens"
+        check_sequence_fits(policy_dir, longest, key, what)
     if rm_ckpt is not None:
-        check_reward_checkpoint(rm_ckpt, "rl.reward.checkpoint" if cfg.rl.reward.checkpoint else "reward model")
+        key = "rl.reward.checkpoint" if cfg.rl.reward.checkpoint else "reward model"
+        from r2m_ray.models.reward_model import META_FILE
+
+        check_reward_checkpoint(rm_ckpt, key)
+        backbone = Path(rm_ckpt) / json.loads((Path(rm_ckpt) / META_FILE).read_text())["backbone"]
+        check_sequence_fits(backbone, cfg.data.max_length, key, "data.max_length")

@@ -34,11 +34,11 @@ from r2m_ray.actors.rollout import RolloutActor
 from r2m_ray.atomic_write import atomic_write_text
 from r2m_ray.config import RunConfig
 from r2m_ray.data.collate import pad_ids
+from r2m_ray.pipelines.waits import ACTOR_LOST, ActorLost, get_all, get_one
 from r2m_ray.placement import PlacementPlan, actor_nodes, actor_processes
 
 log = logging.getLogger(__name__)
 
-ACTOR_LOST = (ray.exceptions.RayActorError,)  # ActorDiedError, ActorUnavailableError
 # + objects owned by a dead actor, and a learner-group call past its deadline (a hung rank or collective)
 STAGE_LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, LearnerHung)
 RESTART_TIMEOUT_S = 600  # a restarted engine reloads its model (and may recompile) before it answers
@@ -178,10 +178,6 @@ def stale_rows(versions: list[int], learner_version: int, max_staleness: int, st
     return v < learner_version, staleness
 
 
-class ActorLost(RuntimeError):
-    """An actor Ray cannot bring back in place: the stage restarts from its last checkpoint."""
-
-
 def wait_until_alive(actor: Any, timeout_s: float = RESTART_TIMEOUT_S) -> dict[str, Any]:
     """Block until a restarting actor answers `ping` (returned); ActorDiedError (restarts used up) propagates."""
     deadline = time.monotonic() + timeout_s
@@ -192,35 +188,6 @@ def wait_until_alive(actor: Any, timeout_s: float = RESTART_TIMEOUT_S) -> dict[s
             if time.monotonic() > deadline:
                 raise
             time.sleep(1.0)
-
-
-def get_one(ref: ray.ObjectRef, what: str, timeout_s: float) -> Any:
-    """ray.get with a deadline; no answer in time raises ActorLost (the stage restarts)."""
-    try:
-        return ray.get(ref, timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        raise ActorLost(f"{what}: no answer within rl.wait_timeout_s={timeout_s:g} s (hung)") from None
-
-
-def get_all(
-    refs: list[ray.ObjectRef], what: str, timeout_s: float | None = None, key: str = "rl.wait_timeout_s"
-) -> list[Any]:
-    """ray.get of every ref, failing at the FIRST failure: when one DeepSpeed rank dies the others
-    wait in a collective, so a plain ray.get of the list would wait with them. With `timeout_s`
-    (the config `key` that set it), refs not done by then raise ActorLost too (a hung rank or
-    collective ends in a stage restart)."""
-    pending = list(refs)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while pending:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        done, pending = ray.wait(pending, num_returns=1, timeout=left)
-        if not done:
-            raise ActorLost(f"{what}: {len(pending)} call(s) did not return within {key}={timeout_s:g} s")
-        try:
-            ray.get(done[0])
-        except ACTOR_LOST as err:
-            raise ActorLost(f"{what}: {type(err).__name__}") from err
-    return ray.get(list(refs))
 
 
 class RLActors:

@@ -4,7 +4,10 @@
 2. `dpo` only: reference log-probs from the ReferenceActor, cached on disk;
 3. per ensemble member: start the RMLearner group (DeepSpeed ranks) and, if
    enabled, the Prioritizer; loop: score the NEXT batch on the prioritiser while
-   the learners train on this one; refresh the prioritiser every refresh_every;
+   the learners train on this one; refresh the prioritiser every refresh_every.
+   Every wait has a deadline (rm.wait_timeout_s, rm.startup_timeout_s); a hung or
+   dead actor ends the member's attempt and it trains again from its start (the
+   same seed gives the same model), at most rm.max_restarts times;
 4. save each member (safetensors), evaluate ID / OOD / extra sets, write summary.
 """
 
@@ -24,12 +27,13 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
+from r2m_ray.actors.distributed import LearnerHung
 from r2m_ray.actors.prioritizer import Prioritizer
 from r2m_ray.actors.reference import ReferenceActor
 from r2m_ray.actors.rm_learner import RMLearnerGroup
 from r2m_ray.algos.decomposition import sample_by_priority
 from r2m_ray.atomic_write import atomic_write_text, fsync_dir
-from r2m_ray.config import RunConfig
+from r2m_ray.config import RMConfig, RunConfig
 from r2m_ray.data.preference import load_preferences
 from r2m_ray.data.split import hashed_split
 from r2m_ray.data.tokenize import PreferenceCollator, tokenize_preferences
@@ -37,11 +41,16 @@ from r2m_ray.eval.plots import plot_rm_training
 from r2m_ray.eval.rm_accuracy import accuracy_report, score_pairs
 from r2m_ray.models.registry import load_tokenizer
 from r2m_ray.models.reward_model import RewardModel
+from r2m_ray.pipelines.preflight import check_sequence_fits
+from r2m_ray.pipelines.waits import ActorLost, get_all, get_one
 from r2m_ray.ray_setup import check_demands, init_ray
 from r2m_ray.run_inputs import sha256_path
 from r2m_ray.rundir import RunDir
 
 log = logging.getLogger(__name__)
+# a member's attempt is lost (and trained again) when an actor dies, hangs past its deadline or
+# takes its objects with it
+MEMBER_LOST = (ActorLost, LearnerHung, ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
 ENCODED = ["chosen_input_ids", "chosen_response_mask", "rejected_input_ids", "rejected_response_mask"]
 
 
@@ -77,7 +86,9 @@ def load_hashed_split(source: str, cfg: RunConfig, tokenizer: Any, run: RunDir) 
     return parts["train"], parts["test"]
 
 
-def add_reference_logprobs(ds: Dataset, model_dir: Path, pad_id: int, cache_dir: Path, chunk: int = 64) -> Dataset:
+def add_reference_logprobs(
+    ds: Dataset, model_dir: Path, pad_id: int, cache_dir: Path, chunk: int = 64, rm: RMConfig | None = None
+) -> Dataset:
     """Columns ref_logp_c / ref_logp_r from the frozen backbone, computed once per (model, data).
 
     Keyed by the model's contents (not its path: a checkpoint rewritten in place must not reuse
@@ -98,11 +109,15 @@ def add_reference_logprobs(ds: Dataset, model_dir: Path, pad_id: int, cache_dir:
                     ref.logprobs.remote(rows["rejected_input_ids"], rows["rejected_response_mask"]),
                 )
             )
+        rm = rm or RMConfig()  # its deadlines
         lc, lr = [], []
-        for fc, fr in futures:
-            lc.append(ray.get(fc))
-            lr.append(ray.get(fr))
-        ray.kill(ref)
+        try:
+            for i, (fc, fr) in enumerate(futures):  # the first call also loads the model
+                timeout = rm.wait_timeout_s + (rm.startup_timeout_s if i == 0 else 0.0)
+                lc.append(get_one(fc, "reference actor (log-probs)", timeout, "rm.wait_timeout_s"))
+                lr.append(get_one(fr, "reference actor (log-probs)", timeout, "rm.wait_timeout_s"))
+        finally:
+            ray.kill(ref)
         cached = Dataset.from_dict({"ref_logp_c": torch.cat(lc).tolist(), "ref_logp_r": torch.cat(lr).tolist()})
         cache_dir.mkdir(parents=True, exist_ok=True)
         partial = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")  # a cut-short cache must never be read
@@ -130,7 +145,26 @@ def encoded_rows(ds: Dataset, idx: list[int]) -> dict[str, list]:
 
 
 def train_member(cfg: RunConfig, run: RunDir, train: Dataset, model_dir: Path, pad_id: int, member: int) -> Path:
-    """Train one reward model (one ensemble member) and save it; returns its checkpoint dir."""
+    """Train one reward model (one ensemble member) and save it; returns its checkpoint dir.
+
+    A lost attempt (MEMBER_LOST) is trained again from its start, at most rm.max_restarts times."""
+    rm = cfg.rm
+    for attempt in range(rm.max_restarts + 1):
+        try:
+            return _train_member_once(cfg, run, train, model_dir, pad_id, member)
+        except MEMBER_LOST as err:
+            if attempt == rm.max_restarts:
+                raise ActorLost(f"rm member {member}: {err} (rm.max_restarts={rm.max_restarts} spent)") from err
+            restarts = run.summary.get("member_restarts", 0) + 1
+            run.update_summary(None, {"member_restarts": restarts})
+            dropped = run.rewind(f"rm/member{member}", 0)  # the new attempt logs its steps again
+            log.warning(
+                "rm member %d: %s; training it again from its start (%d metric rows dropped)", member, err, dropped
+            )
+    raise AssertionError("unreachable")
+
+
+def _train_member_once(cfg: RunConfig, run: RunDir, train: Dataset, model_dir: Path, pad_id: int, member: int) -> Path:
     rm = cfg.rm
     seed = cfg.seed + 1000 * member
     cfg_json = json.dumps(cfg.model_dump(mode="json", by_alias=True))
@@ -139,73 +173,81 @@ def train_member(cfg: RunConfig, run: RunDir, train: Dataset, model_dir: Path, p
     if rm.prioritizer.enabled:  # it scores the coming batches while the learners train: both at once
         demands["prioritizer"] = [{"CPU": rm.prioritizer.num_cpus}]
     check_demands("rm", demands)
-    group = RMLearnerGroup(cfg_json, rm, model_dir, seed)
-    collate = PreferenceCollator(pad_token_id=pad_id, padding_side="right")
     steps = rm.epochs * (len(train) // rm.batch_size)
     steps = min(steps, rm.max_steps) if rm.max_steps else steps
     if steps < 1:
         raise ValueError(f"rm.batch_size={rm.batch_size} is larger than the {len(train)} training pairs")
-    stream = index_stream(len(train), seed)
-    prio = None
-    draw = rm.batch_size * (rm.prioritizer.pool_factor if rm.prioritizer.mode == "resample" else 1)
-    if rm.prioritizer.enabled:
-        prio = Prioritizer.options(num_cpus=rm.prioritizer.num_cpus).remote(
-            cfg_json, str(model_dir), pad_id, cfg.data.max_length, seed, max(1, int(rm.prioritizer.num_cpus))
-        )
-        ray.get(prio.refresh.remote(group.state_dict_ref(), 0))
-    next_idx = take(stream, draw)
-    next_scores = prio.score.remote(encoded_rows(train, next_idx)) if prio else None
-    sample_gen = torch.Generator().manual_seed(seed + 1)
-    t_start, history = time.perf_counter(), []
-    bar = tqdm(total=steps, desc=f"rm member {member}", leave=False)
-    ready = None  # without the prioritiser, the next batch is collated while the learners train
-    for step in range(1, steps + 1):
-        t0 = time.perf_counter()
-        idx, weights, scores = next_idx, None, None
-        if prio:
-            scores = ray.get(next_scores)
-        t_wait = time.perf_counter() - t0
-        if step < steps:  # score the next batch while the learners train on this one
-            next_idx = take(stream, draw)
-            next_scores = prio.score.remote(encoded_rows(train, next_idx)) if prio else None
-        if scores is not None and rm.prioritizer.mode == "resample":
-            pick = sample_by_priority(scores["priorities"], rm.batch_size, sample_gen).tolist()
-            idx = [idx[i] for i in pick]
-        elif scores is not None:
-            weights = scores["priorities"]
-        # a dict of columns (train[idx]) costs a third of select() + rows
-        batch = ready if ready is not None else collate(train[idx])
-        if weights is not None:
-            batch["weight"] = weights.float()
-        refs = group.train_step_async(batch)
-        ready = collate(train[next_idx]) if prio is None and step < steps else None
-        metrics = RMLearnerGroup.reduce_metrics(ray.get(refs))
-        if prio and step % rm.prioritizer.refresh_every == 0:
-            prio.refresh.remote(group.state_dict_ref(), step)  # ordered after the pending score
-        metrics["step_seconds"] = time.perf_counter() - t0
-        metrics["prioritizer_wait_seconds"] = t_wait
-        if scores is not None:
-            metrics["delta_r2_mean"] = float(scores["delta_r2"].mean())
-            metrics["priority_max"] = float(scores["priorities"].max())
-        history.append(metrics)
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")
-        if step % rm.log_every == 0 or step == steps:
-            run.log(f"rm/member{member}", step, metrics)
-            log.info(
-                "rm member %d step %d/%d loss %.4f acc %.3f", member, step, steps, metrics["loss"], metrics["accuracy"]
+    group = RMLearnerGroup(cfg_json, rm, model_dir, seed)
+    prio, bar = None, tqdm(total=steps, desc=f"rm member {member}", leave=False)
+    try:
+        collate = PreferenceCollator(pad_token_id=pad_id, padding_side="right")
+        stream = index_stream(len(train), seed)
+        draw = rm.batch_size * (rm.prioritizer.pool_factor if rm.prioritizer.mode == "resample" else 1)
+        if rm.prioritizer.enabled:
+            prio = Prioritizer.options(num_cpus=rm.prioritizer.num_cpus).remote(
+                cfg_json, str(model_dir), pad_id, cfg.data.max_length, seed, max(1, int(rm.prioritizer.num_cpus))
             )
-    bar.close()
-    elapsed = time.perf_counter() - t_start
-    ckpt = run.path / "checkpoints" / f"rm-{member}"
-    group.save(ckpt, tokenizer_dir=model_dir)
+            first = prio.refresh.remote(group.state_dict_ref(), 0)
+            get_one(first, "prioritizer (start-up and first refresh)", rm.startup_timeout_s, "rm.startup_timeout_s")
+        next_idx = take(stream, draw)
+        next_scores = prio.score.remote(encoded_rows(train, next_idx)) if prio else None
+        sample_gen = torch.Generator().manual_seed(seed + 1)
+        t_start, history = time.perf_counter(), []
+        ready = None  # without the prioritiser, the next batch is collated while the learners train
+        for step in range(1, steps + 1):
+            t0 = time.perf_counter()
+            idx, weights, scores = next_idx, None, None
+            if prio:
+                scores = get_one(next_scores, "prioritizer.score", rm.wait_timeout_s, "rm.wait_timeout_s")
+            t_wait = time.perf_counter() - t0
+            if step < steps:  # score the next batch while the learners train on this one
+                next_idx = take(stream, draw)
+                next_scores = prio.score.remote(encoded_rows(train, next_idx)) if prio else None
+            if scores is not None and rm.prioritizer.mode == "resample":
+                pick = sample_by_priority(scores["priorities"], rm.batch_size, sample_gen).tolist()
+                idx = [idx[i] for i in pick]
+            elif scores is not None:
+                weights = scores["priorities"]
+            # a dict of columns (train[idx]) costs a third of select() + rows
+            batch = ready if ready is not None else collate(train[idx])
+            if weights is not None:
+                batch["weight"] = weights.float()
+            refs = group.train_step_async(batch)
+            ready = collate(train[next_idx]) if prio is None and step < steps else None
+            per_rank = get_all(refs, "rm learner (train_step)", rm.wait_timeout_s, "rm.wait_timeout_s")
+            metrics = RMLearnerGroup.reduce_metrics(per_rank)
+            if prio and step % rm.prioritizer.refresh_every == 0:
+                prio.refresh.remote(group.state_dict_ref(), step)  # ordered after the pending score
+            metrics["step_seconds"] = time.perf_counter() - t0
+            metrics["prioritizer_wait_seconds"] = t_wait
+            if scores is not None:
+                metrics["delta_r2_mean"] = float(scores["delta_r2"].mean())
+                metrics["priority_max"] = float(scores["priorities"].max())
+            history.append(metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")
+            if step % rm.log_every == 0 or step == steps:
+                run.log(f"rm/member{member}", step, metrics)
+                log.info(
+                    "rm member %d step %d/%d loss %.4f acc %.3f",
+                    member,
+                    step,
+                    steps,
+                    metrics["loss"],
+                    metrics["accuracy"],
+                )
+        elapsed = time.perf_counter() - t_start
+        ckpt = run.path / "checkpoints" / f"rm-{member}"
+        group.save(ckpt, tokenizer_dir=model_dir)
+    finally:  # a lost or failed attempt must not hold its CPUs into the next one
+        bar.close()  # (an open bar would leave its line under the error message)
+        if prio:
+            ray.kill(prio)
+        group.shutdown()
     run.update_summary(
         None, {"pairs_per_second": steps * rm.batch_size / elapsed, "steps": steps, "train_seconds": elapsed}
     )
     plot_rm_training(history, run.path / "plots" / f"rm_training_member{member}.png")
-    if prio:
-        ray.kill(prio)
-    group.shutdown()
     return ckpt
 
 
@@ -226,6 +268,7 @@ def run_rm_stage(cfg: RunConfig, run: RunDir, model_dir: Path, world_paths: dict
     world_paths = world_paths or {}
     tokenizer = load_tokenizer(model_dir)
     pad_id = tokenizer.pad_token_id
+    check_sequence_fits(model_dir, cfg.data.max_length, "data.max_length", "the longest pair")
 
     def source(key: str) -> str | None:
         value = getattr(cfg.data, key)
@@ -249,7 +292,8 @@ def run_rm_stage(cfg: RunConfig, run: RunDir, model_dir: Path, world_paths: dict
         evals[Path(extra).stem or f"extra{i}"] = load_split(extra, cfg, f"extra_eval.{i}", tokenizer, run)
     init_ray(cfg.ray)  # after the data checks: bad input fails before any actor starts
     if cfg.rm.grm.regulariser == "dpo":
-        train = add_reference_logprobs(train, model_dir, pad_id, Path(cfg.model.cache_dir).expanduser() / "ref_cache")
+        cache = Path(cfg.model.cache_dir).expanduser() / "ref_cache"
+        train = add_reference_logprobs(train, model_dir, pad_id, cache, rm=cfg.rm)
     ckpts = [train_member(cfg, run, train, model_dir, pad_id, m) for m in range(cfg.rm.ensemble)]
     results = evaluate(cfg, run, ckpts, evals, pad_id)
     exports = []

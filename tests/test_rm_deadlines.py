@@ -1,0 +1,100 @@
+"""The RM stage never waits forever: a hung learner rank is trained again, not waited for."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from r2m_ray.config import load_config
+from r2m_ray.pipelines.full_run import run_pipeline
+from tests.conftest import ROOT, small_overrides
+from tests.test_rm_pipeline import load_tensors
+
+pytestmark = pytest.mark.slow
+
+BASE = ["stages=[world, rm]", "rm.max_steps=40", "rm.log_every=2"]
+
+
+def learner_pids() -> list[int]:
+    """Processes of RMLearner actors (Ray titles each actor's worker `ray::RMLearner…`)."""
+    import psutil
+
+    pids = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if cmd.startswith("ray::RMLearner"):
+            pids.append(proc.pid)
+    return pids
+
+
+def stop_a_learner_once_training(metrics: Path, stopped: list[int], done: threading.Event) -> None:
+    """SIGSTOP the RMLearner rank (alive, never answering) after its first logged steps."""
+    while not done.wait(0.05):
+        if metrics.is_file() and '"rm/member0"' in metrics.read_text():
+            pids = learner_pids()
+            if pids:
+                os.kill(pids[0], signal.SIGSTOP)
+                stopped.append(pids[0])
+                return
+
+
+def run_with_a_stopped_learner(metrics: Path, run) -> tuple[object, list[int]]:  # noqa: ANN001
+    """`run()` while a watcher stops the learner; every stopped process is killed afterwards."""
+    stopped: list[int] = []
+    done = threading.Event()
+    watcher = threading.Thread(target=stop_a_learner_once_training, args=(metrics, stopped, done))
+    watcher.start()
+    try:
+        return run(), stopped
+    finally:
+        done.set()
+        watcher.join()
+        for pid in stopped:  # Ray has killed it; make sure
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_a_hung_rm_learner_is_trained_again_not_waited_for(ray_session, tmp_path):
+    """The stopped rank misses rm.wait_timeout_s; the member trains again from its start (same seed)
+    and ends exactly where an uninterrupted run ends; each step is logged once."""
+    overrides = small_overrides(tmp_path) + BASE
+    clean = run_pipeline(load_config(ROOT / "jobs" / "quickstart.yaml", overrides), run_dir=tmp_path / "clean")
+    hung_dir = tmp_path / "hung"
+    cfg = load_config(ROOT / "jobs" / "quickstart.yaml", [*overrides, "rm.wait_timeout_s=8"])
+    t0 = time.monotonic()
+    run, stopped = run_with_a_stopped_learner(hung_dir / "metrics.jsonl", lambda: run_pipeline(cfg, run_dir=hung_dir))
+    assert stopped, "the learner was never stopped (training ended first?)"
+    assert time.monotonic() - t0 < 240
+    assert run.summary["member_restarts"] == 1 and "member_restarts" not in clean.summary
+    rows = [json.loads(line) for line in (hung_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["stage"] == "rm/member0"] == list(range(2, 41, 2))
+    ours = load_tensors(hung_dir / "checkpoints" / "rm-0")
+    theirs = load_tensors(clean.path / "checkpoints" / "rm-0")
+    ours.update(load_tensors(hung_dir / "checkpoints" / "rm-0" / "backbone"))
+    theirs.update(load_tensors(clean.path / "checkpoints" / "rm-0" / "backbone"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert run.summary["accuracy"] == clean.summary["accuracy"]
+
+
+def test_a_learner_that_never_answers_ends_the_run_with_one_error(ray_session, tmp_path, capsys):
+    """With rm.max_restarts=0 a hung rank is one clear error naming the key, not a hang."""
+    from r2m_ray.cli import main
+
+    hung_dir = tmp_path / "hung"
+    overrides = {o.split("=", 1)[0]: o for o in [*small_overrides(tmp_path), *BASE[1:]]}  # each key once
+    argv = ["rm", str(ROOT / "jobs" / "quickstart.yaml"), *overrides.values(), "rm.wait_timeout_s=5"]
+    argv += ["rm.max_restarts=0", "--run-dir", str(hung_dir)]
+    code, stopped = run_with_a_stopped_learner(hung_dir / "metrics.jsonl", lambda: main(argv))
+    err = capsys.readouterr().err
+    assert stopped and code == 1, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("r2m-ray: error:")]
+    assert len(lines) == 1 and "rm.wait_timeout_s=5" in lines[0] and "rm.max_restarts=0" in lines[0], err[-3000:]
