@@ -87,7 +87,7 @@ def describe_os_error(err: OSError, writes_to: str | None = None) -> tuple[str, 
             1,
         )
     if err.errno in DENIED:
-        return f"{where}: {err.strerror}; the user running r2m-ray cannot write there (choose another output_dir)", 2
+        return f"{where}: {err.strerror}; the user running r2m-ray may not use it (check its permissions)", 2
     return f"{where}: {err.strerror}", 2
 
 

@@ -57,7 +57,9 @@ def test_cross_attention_single_real_token_is_exactly_its_value():
     h = torch.randn(1, 3, 5, dtype=torch.float64)
     out = attn(h_last, h, torch.tensor([[0, 1, 0]]))
     expected = attn.w_o(attn.w_v(h[:, 1]))  # softmax over one token = 1 → v W_o
-    assert torch.equal(out, expected)
+    # equal up to float64 rounding: a 3-row and a 1-row GEMM may accumulate in another order (they
+    # differ in the last bit on some CPUs); a leak from a masked token would be of order 0.1
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("n_heads", [1, 2])

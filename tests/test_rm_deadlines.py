@@ -7,7 +7,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from tests.test_rm_pipeline import load_tensors
 
 pytestmark = pytest.mark.slow
 
+T = TypeVar("T")
 BASE = ["stages=[world, rm]", "rm.max_steps=40", "rm.log_every=2"]
 
 
@@ -45,7 +48,7 @@ def stop_a_learner_once_training(metrics: Path, stopped: list[int], done: thread
                 return
 
 
-def run_with_a_stopped_learner(metrics: Path, run) -> tuple[object, list[int]]:  # noqa: ANN001
+def run_with_a_stopped_learner(metrics: Path, run: Callable[[], T]) -> tuple[T, list[int]]:
     """`run()` while a watcher stops the learner; every stopped process is killed afterwards."""
     stopped: list[int] = []
     done = threading.Event()

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 NOISE_STREAM_ANNOTATOR = 0
 
 
-def _tokenizer_dir(rm_checkpoint: Path) -> Path:
+def rm_tokenizer_dir(rm_checkpoint: Path) -> Path:
     """The checkpoint dir holds the tokenizer at its top level, or at least inside backbone/."""
     if (rm_checkpoint / "tokenizer_config.json").is_file():
         return rm_checkpoint
@@ -72,7 +72,7 @@ class RewardAnnotator:
         self.device = actor_device()
         self.rm = RewardModel.from_pretrained(ckpt).eval().to(self.device)
         self.rm.requires_grad_(False)
-        self.tokenizer = load_tokenizer(_tokenizer_dir(ckpt))
+        self.tokenizer = load_tokenizer(rm_tokenizer_dir(ckpt))
         self.pad_id = pad_token_id(self.tokenizer)
         r2m = self.cfg.r2m
         self.head = R2MHead(self.rm.value_head, self.rm.hidden_size, d_policy, r2m.d_attn, r2m.n_heads, seed)

@@ -62,14 +62,10 @@ def check_weights_finite(path: str | Path, key: str) -> None:
         raise ValueError(f"{key}: non-finite values (NaN/inf) in {', '.join(bad[:5])}")
 
 
-def check_reward_checkpoint(path: str | Path, key: str) -> Path:
-    """A RewardModel directory as the rm stage writes it (reward_model.json, value head, backbone,
-    a tokenizer that fits the backbone); returns `path`."""
-    from r2m_ray.models.reward_model import HEAD_FILE, META_FILE
+def reward_backbone(path: Path, key: str) -> Path:
+    """The backbone directory a RewardModel checkpoint's reward_model.json names."""
+    from r2m_ray.models.reward_model import META_FILE
 
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"{key}: directory {str(path)!r} does not exist")
     meta = path / META_FILE
     if not meta.is_file():
         raise ValueError(
@@ -77,16 +73,28 @@ def check_reward_checkpoint(path: str | Path, key: str) -> Path:
             "(…/checkpoints/rm-*); a policy or plain HF model cannot score responses"
         )
     try:
-        backbone = path / json.loads(meta.read_text())["backbone"]
+        return path / json.loads(meta.read_text())["backbone"]
     except (json.JSONDecodeError, KeyError) as err:
         raise ValueError(f"{key}: {META_FILE} in {str(path)!r} is unreadable ({err})") from None
+
+
+def check_reward_checkpoint(path: str | Path, key: str) -> Path:
+    """A RewardModel directory as the rm stage writes it (reward_model.json, value head, backbone,
+    a tokenizer that fits the backbone); returns `path`."""
+    from r2m_ray.models.reward_model import HEAD_FILE
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{key}: directory {str(path)!r} does not exist")
+    backbone = reward_backbone(path, key)
     if not (path / HEAD_FILE).is_file():
         raise FileNotFoundError(f"{key}: {str(path)!r} lacks the value head file {HEAD_FILE}")
     check_model_dir(backbone, f"{key} (backbone)")
     check_safetensors_files(path, key)
     check_weights_finite(path, key)  # the value head (top-level files only): small, read in full
-    tokenizer_dir = path if (path / "tokenizer_config.json").is_file() else backbone  # as the annotator reads it
-    check_tokenizer(tokenizer_dir, key, model_dir=backbone)
+    from r2m_ray.actors.reward_annotator import rm_tokenizer_dir
+
+    check_tokenizer(rm_tokenizer_dir(path), key, model_dir=backbone)  # the tokenizer the annotator loads
     return path
 
 
@@ -162,8 +170,5 @@ def preflight_rl(cfg: RunConfig, policy_dir: Path | None, rm_ckpt: Path | None) 
         check_sequence_fits(policy_dir, longest, key, what)
     if rm_ckpt is not None:
         key = "rl.reward.checkpoint" if cfg.rl.reward.checkpoint else "reward model"
-        from r2m_ray.models.reward_model import META_FILE
-
         check_reward_checkpoint(rm_ckpt, key)
-        backbone = Path(rm_ckpt) / json.loads((Path(rm_ckpt) / META_FILE).read_text())["backbone"]
-        check_sequence_fits(backbone, cfg.data.max_length, key, "data.max_length")
+        check_sequence_fits(reward_backbone(Path(rm_ckpt), key), cfg.data.max_length, key, "data.max_length")
