@@ -126,13 +126,17 @@ def trained(ray_session, tmp_path_factory):
 
 
 def rl_overrides(tmp: Path, base: Path, *overrides: str, rm: Path | None = None) -> list[str]:
-    """Overrides of quickstart.yaml for a small RL-only run from the shared SFT policy and RM (or another RM)."""
-    return small_overrides(tmp) + [
+    """Overrides of quickstart.yaml for a small RL-only run from the shared SFT policy and RM (or another RM).
+
+    Each key once, the later layer winning (`overrides` over the small defaults): the list is also
+    given to the `r2m-ray` command, which refuses a key given twice."""
+    layered = small_overrides(tmp) + [
         "stages=[world, rl]",
         f"rl.policy_checkpoint={base / 'checkpoints' / 'sft'}",
         f"rl.reward.checkpoint={rm or base / 'checkpoints' / 'rm-0'}",
         *overrides,
     ]
+    return list({o.split("=", 1)[0]: o for o in layered}.values())
 
 
 def rl_config(tmp: Path, base: Path, *overrides: str, rm: Path | None = None):
