@@ -30,6 +30,60 @@ def write_bench_report(report: dict[str, Any], out: str | None, run: RunDir, def
     return report
 
 
+def rl_bench_models(cfg: RunConfig, run: RunDir) -> tuple[dict[str, Path], Path, Path]:
+    """(world files, policy, RM checkpoint) for an RL benchmark, built in `run`: the policy is the SFT
+    checkpoint when the config's stages include sft (the quickstart), else the base model (the smol
+    presets are instruction-tuned); the RM is trained from it by the config's rm stage."""
+    from r2m_ray.pipelines.full_run import base_model_dir, run_world
+    from r2m_ray.pipelines.rm_stage import run_rm_stage
+    from r2m_ray.pipelines.sft_stage import run_sft_stage
+
+    world = run_world(cfg, run)
+    policy_dir = base_model_dir(cfg)
+    if "sft" in cfg.stages:
+        policy_dir, _ = run_sft_stage(cfg, run, policy_dir, world)
+    init_ray(cfg.ray)
+    return world, policy_dir, Path(run_rm_stage(cfg, run, policy_dir, world)["checkpoints"][0])
+
+
+def learner_threads(ranks: int, num_cpus_per_rank: float, torch_threads: int | None) -> int:
+    """Total torch threads of a learner group, as LearnerGroup sets them."""
+    return ranks * (torch_threads or max(1, int(num_cpus_per_rank)))
+
+
+def policy_learner_mfu(run_path: Path, peak: float) -> dict[str, Any]:
+    """The RL run's policy-learner MFU from its metrics.jsonl (eval/flops.py), against `peak` FLOP/s.
+
+    `mfu` divides the training FLOPs by the learner's own seconds inside its train calls (the
+    slowest rank's); `mfu_policy_phase` by the driver's policy phase, which adds the Ray round trip
+    and the batch transfer.
+    """
+    from r2m_ray.eval.flops import mfu
+
+    rows = [json.loads(line) for line in (run_path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("stage") == "rl" and "train_flops" in r.get("policy", {})]
+    flops = sum(r["policy"]["train_flops"] for r in rows)
+    seconds = sum(r["policy"]["train_seconds"] for r in rows)
+    phase = sum(r["phase_seconds"]["policy"] for r in rows)
+    return {
+        "train_flops": flops,
+        "train_seconds": seconds,
+        "achieved_flops_per_second": flops / seconds if seconds else 0.0,
+        "mfu": mfu(flops, seconds, peak),
+        "mfu_policy_phase": mfu(flops, phase, peak),
+        "steps": len(rows),
+    }
+
+
+def measured_peak(cfg: RunConfig) -> dict[str, Any]:
+    """The fp32 GEMM peak on the policy learner's thread count (the learner trains in fp32)."""
+    from r2m_ray.eval.flops import gemm_peak_flops
+
+    p = cfg.rl.policy
+    threads = learner_threads(p.ranks, p.num_cpus_per_rank, p.torch_threads)
+    return {"dtype": "float32", "threads": threads, "n": 2048, "flops_per_second": gemm_peak_flops(threads)}
+
+
 VARIANTS = {
     "bt": {"grm": {"regulariser": "none"}, "prioritizer": {"enabled": False}},
     "grm_sft": {"grm": {"regulariser": "sft"}, "prioritizer": {"enabled": False}},
@@ -109,19 +163,14 @@ def bench_rl(
     weight-sync share of a step (goal ≤ 10%) for both sync paths, and the one-step-off async
     loop's speed-up over the synchronous one. Actor start-up is reported apart.
     """
-    from r2m_ray.pipelines.full_run import base_model_dir, run_world
     from r2m_ray.pipelines.rl_stage import run_rl_stage
-    from r2m_ray.pipelines.rm_stage import run_rm_stage
-    from r2m_ray.pipelines.sft_stage import run_sft_stage
 
     unknown = sorted(set(variants) - set(RL_VARIANTS))
     if unknown or not {"frozen", "r2m"} <= set(variants):
         raise ValueError(f"bench rl variants {list(variants)}: choose from {list(RL_VARIANTS)}, with frozen and r2m")
     run = RunDir.create(cfg.model_copy(update={"name": f"bench-rl-{cfg.name}"}), run_dir, exist)
-    world = run_world(cfg, run)
-    policy_dir, _ = run_sft_stage(cfg, run, base_model_dir(cfg), world)
-    init_ray(cfg.ray)
-    rm_ckpt = Path(run_rm_stage(cfg, run, policy_dir, world)["checkpoints"][0])
+    world, policy_dir, rm_ckpt = rl_bench_models(cfg, run)
+    peak = measured_peak(cfg)  # on the idle machine, before any RL actor starts
     results: dict[str, Any] = {}
     # the same SFT policy and RM for every variant; r2m-collective differs from r2m only
     # in how the policy weights reach the engines (broadcast instead of the object store), and
@@ -145,6 +194,7 @@ def bench_rl(
             "max_staleness": s["max_staleness"],
             "gold_reward_final": s["gold_reward"]["final"],
             "kl_seq_final": s["kl_seq"]["final"],
+            "policy_learner": policy_learner_mfu(sub.path, peak["flops_per_second"]),
         }
     frozen, r2m = results["frozen"], results["r2m"]
     report = {
@@ -154,6 +204,7 @@ def bench_rl(
         "prompts_per_step": cfg.rl.prompts_per_step,
         "steps": cfg.rl.steps,
         "variants": results,
+        "gemm_peak": peak,
         "tokens_per_second": r2m["tokens_per_second"],
         "r2m_wall_time_ratio": r2m["loop_seconds"] / frozen["loop_seconds"],
         "r2m_phase_time_ratio": r2m["step_seconds_total"] / frozen["step_seconds_total"],

@@ -26,15 +26,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from r2m_ray.bench import write_bench_report
+from r2m_ray.bench import learner_threads, measured_peak, policy_learner_mfu, rl_bench_models, write_bench_report
 from r2m_ray.config import RunConfig
 from r2m_ray.ray_setup import init_ray
 from r2m_ray.rundir import ExistPolicy, RunDir
-
-
-def learner_threads(ranks: int, num_cpus_per_rank: float, torch_threads: int | None) -> int:
-    """Total torch threads of a learner group, as LearnerGroup sets them."""
-    return ranks * (torch_threads or max(1, int(num_cpus_per_rank)))
 
 
 def run_peer(spec: dict[str, Any], workdir: Path, tag: str) -> dict[str, Any]:
@@ -158,10 +153,7 @@ def bench_peer_rl(
     from r2m_ray.models.export import export_sequence_classification
     from r2m_ray.models.registry import load_tokenizer
     from r2m_ray.models.reward_model import RewardModel
-    from r2m_ray.pipelines.full_run import base_model_dir, run_world
     from r2m_ray.pipelines.rl_stage import run_rl_stage
-    from r2m_ray.pipelines.rm_stage import run_rm_stage
-    from r2m_ray.pipelines.sft_stage import run_sft_stage
 
     trl_version = check_peer_installed()
     rl = cfg.rl.model_copy(deep=True)
@@ -171,10 +163,7 @@ def bench_peer_rl(
     model = cfg.model.model_copy(update={"value_head": "linear"})
     cfg = cfg.model_copy(update={"rl": rl, "model": model, "name": f"bench-peer-rl-{cfg.name}"})
     run = RunDir.create(cfg, run_dir, exist)
-    world = run_world(cfg, run)
-    policy_dir, _ = run_sft_stage(cfg, run, base_model_dir(cfg), world)
-    init_ray(cfg.ray)
-    rm_ckpt = Path(run_rm_stage(cfg, run, policy_dir, world)["checkpoints"][0])
+    world, policy_dir, rm_ckpt = rl_bench_models(cfg, run)
     tokenizer = load_tokenizer(policy_dir)
     rm_hf = export_sequence_classification(RewardModel.from_pretrained(rm_ckpt), tokenizer, run.path / "peer_rm_hf")
     prompts = load_prompts(cfg.data.prompts or str(world["rl_prompts"]), cfg.data)
@@ -206,6 +195,7 @@ def bench_peer_rl(
         "threads": cpus,
         "seed": cfg.seed,
     }
+    peak = measured_peak(cfg)  # on the idle machine, before any RL actor starts
     ours_runs, peer_runs = [], []
     for r in range(repeats):
         sub = RunDir.create(cfg, run.path / f"rl-ours-{r}")
@@ -221,6 +211,7 @@ def bench_peer_rl(
                 "phase_seconds": s["phase_seconds"],
                 "startup_seconds": s["startup_seconds"],
                 "steps": s["steps"],
+                "policy_learner": policy_learner_mfu(sub.path, peak["flops_per_second"]),
             }
         )
         peer_runs.append(run_peer(spec, run.path, f"rl{r}"))
@@ -247,5 +238,8 @@ def bench_peer_rl(
         "peer_tokens_per_second_median": peer,
         "ratio": ours / peer,
         "goal_ratio": 2.0,
+        "gemm_peak": peak,
+        "policy_learner_mfu_median": statistics.median(x["policy_learner"]["mfu"] for x in ours_runs),
+        "goal_policy_learner_mfu": 0.30,
     }
     return write_bench_report(report, out, run, "bench_peer_rl.json")

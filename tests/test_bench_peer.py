@@ -39,6 +39,8 @@ def test_bench_peer_rl_counts_the_tokens_trl_generates(ray_session, tmp_path):
     assert peer["completions"] == 2 * 4 * 4
     assert 0 < peer["generated_tokens"] <= peer["completions"] * 8  # ≤ max_new_tokens each
     assert report["ours_runs"][0]["steps"] == 2
+    assert report["ours_runs"][0]["policy_learner"]["steps"] == 2 and report["gemm_peak"]["threads"] == 1
+    assert report["policy_learner_mfu_median"] == report["ours_runs"][0]["policy_learner"]["mfu"] > 0
     assert report["held_equal"]["rl"]["max_new_tokens"] == 8 and report["held_equal"]["rl"]["micro_batches"] == 1
     assert report["held_equal"]["prompts"] > 0
     assert (tmp_path / "bench" / "peer_rm_hf" / "config.json").is_file()  # a stock classifier TRL can load

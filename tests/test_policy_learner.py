@@ -13,6 +13,7 @@ from r2m_ray.actors.policy_learner import PolicyLearnerGroup, micro_batch_slices
 from r2m_ray.actors.reference import ReferenceActor
 from r2m_ray.algos.policy_loss import entropy_from_logits, grpo_advantages, kl_penalty, masked_mean, rloo_advantages
 from r2m_ray.data.collate import pad_ids
+from r2m_ray.eval.flops import DecoderShape
 from r2m_ray.models.registry import load_causal_lm, load_tokenizer
 from r2m_ray.rl_config import PolicyConfig, PolicyOptimConfig
 
@@ -226,7 +227,19 @@ def test_group_waits_have_deadlines_and_a_failed_start_frees_its_ranks(ray_sessi
     assert ray.available_resources().get("CPU", 0.0) >= free
 
 
-def test_two_epochs_refresh_h_from_moved_weights(learner, batch):
+def hand_flops(model_dir, batch: dict) -> float:
+    """6·N·Σ T_s + 12·L·d·Σ T_s² + 6·V·d·R for one forward+backward over the batch (eval/flops.py)."""
+    shape = DecoderShape.of(load_causal_lm(model_dir))
+    lengths = batch["attention_mask"].sum(1).tolist()
+    head_positions = int(batch["response_mask"][:, 1:].sum())  # the tokens after position 0 that are predicted
+    return (
+        6 * shape.params * sum(lengths)
+        + 12 * shape.layers * shape.hidden * sum(t * t for t in lengths)
+        + 6 * shape.vocab * shape.hidden * head_positions
+    )
+
+
+def test_two_epochs_refresh_h_from_moved_weights(learner, batch, tiny_model_dir):
     group, _ = learner
     adv = torch.tensor([1.0, -1.0] * (ROWS // 2))
     old_logp, _, _ = experience(group, batch)
@@ -234,6 +247,9 @@ def test_two_epochs_refresh_h_from_moved_weights(learner, batch):
     old_logp, h_refs, _ = experience(group, batch)
     stats, new_refs = train(group, batch, old_logp, old_logp, adv, epochs=2)
     assert stats["optimizer_steps"] == steps_before + 2 * 2  # 2 epochs × 2 micro-batches
+    # MFU's numerator: 2 epochs of the FLOPs of every real token, the LM head on response positions only
+    assert stats["train_flops"] == pytest.approx(2 * hand_flops(tiny_model_dir, batch), rel=1e-12)
+    assert stats["train_seconds"] > 0
     real = batch["attention_mask"].bool()
     diff = (hidden_of(new_refs) - hidden_of(h_refs))[real].abs().max()
     assert diff > 5e-2, diff  # the last epoch saw the weights after epoch 1
@@ -257,6 +273,27 @@ def test_nonfinite_loss_skips_the_micro_batch_and_leaves_weights(learner, batch)
     assert stats["nonfinite_skipped"] == 2 and "loss" not in stats  # both micro-batches skipped
     assert group.checksums()[0] == moved, "a skipped step must not touch the weights"
     assert before != moved
+
+
+def test_nonfinite_grad_norm_stops_the_learner(ray_session, tiny_model_dir, batch):
+    """Advantages of 1e30 keep the loss finite (|loss| ~ 1e30 < 3.4e38) while the squared gradients
+    overflow float32: the step has been applied with an inf norm, so the learner must refuse to go on.
+    A group of its own: the step ruins its weights."""
+    group = PolicyLearnerGroup(policy_cfg(), tiny_model_dir, seed=0)
+    try:
+        half = {k: v[:4] for k, v in batch.items()}  # one micro-batch: the first optimiser step
+        old_logp, _, _ = experience(group, half)
+        with pytest.raises(FloatingPointError, match="rank 0: non-finite gradient norm at optimiser step 1;"):
+            train(group, half, old_logp, old_logp, torch.tensor([1e30, -1e30, 1e30, -1e30]))
+        # the same call with ordinary advantages trains: the stop is the norm's, not the batch's
+        fresh = PolicyLearnerGroup(policy_cfg(), tiny_model_dir, seed=0)
+        try:
+            stats, _ = train(fresh, half, old_logp, old_logp, torch.tensor([1.0, -1.0, 1.0, -1.0]))
+            assert math.isfinite(stats["grad_norm"]) and stats["optimizer_steps"] == 1
+        finally:
+            fresh.shutdown()
+    finally:
+        group.shutdown()
 
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])
@@ -285,6 +322,8 @@ def test_two_rank_zero2_ranks_identical_and_hf_keys(ray_session, learner, tiny_m
             stats, _ = train(group, batch, old_logp, initial, adv)
             old_logp, _, _ = experience(group, batch)
         assert stats["rows"] == ROWS
+        # the group's FLOPs are the sum of its ranks' (each trained half the rows)
+        assert stats["train_flops"] == pytest.approx(hand_flops(tiny_model_dir, batch), rel=1e-12)
         sums = group.checksums()
         assert sums[0] == pytest.approx(sums[1], rel=1e-9)
         assert abs(sums[0] - before) > 1e-3

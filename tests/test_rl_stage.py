@@ -31,13 +31,15 @@ def test_one_rl_run(trained, algo, mode):
     for r in rl_rows:  # gold is exactly its parts; the rates are rates
         parts = r["gold_correctness"] - 0.05 * r["gold_excess_tokens"] - 0.2 * r["gold_phrase_rate"]
         assert r["gold_reward"] == pytest.approx(parts, abs=1e-6)
-        assert 0 <= r["hacked_rate"] <= 1 and 0 <= r["agreement_gold_frozen_rm"] <= 1
+        # a share of the step's 4 prompts × 4 samples, whatever the reward did
+        assert r["hacked_rate"] * 16 == pytest.approx(round(r["hacked_rate"] * 16), abs=1e-9)
     # at t = 0 R2M is the frozen RM, so the optimised reward is the frozen RM's in every mode ...
     assert first["proxy_reward"] == pytest.approx(first["frozen_rm_reward"], abs=1e-6)
     assert first["agreement_gold"] == first["agreement_gold_frozen_rm"]
     # ... and it stays so without feedback; with it, the trained head at ω(1) = 0.6 scores otherwise
     if mode == "frozen":
         assert second["proxy_reward"] == second["frozen_rm_reward"] and second["head"] == {}
+        assert second["agreement_gold"] == second["agreement_gold_frozen_rm"]  # the optimised reward is the RM's
         assert s["rm_accuracy"] == s["rm_accuracy_no_feedback"]  # nothing trained: the same number
         assert s["rm_accuracy"]["before"] == s["rm_accuracy"]["after"]
     else:
@@ -46,7 +48,14 @@ def test_one_rl_run(trained, algo, mode):
         assert first["head"]["groups"] >= 1 and first["head"]["steps"] == 1
         assert second["rm_accuracy_feedback"] is not None  # the held-out pairs' policy forward at t = 2
     assert 0.0 < s["rm_accuracy"]["before"] < 1.0
-    assert s["winrate_vs_start"]["prompts"] == 8 and 0 <= s["winrate_vs_start"]["win_rate"] <= 1
+    # the win rate by hand from the held-out gold it came from: every final sample against every
+    # start sample of the same prompt, ties ½ (the same seed draws both, so an unmoved policy gives ½)
+    w = s["winrate_vs_start"]
+    start, final = w["gold_start_per_prompt"], w["gold_final_per_prompt"]
+    assert w["prompts"] == len(start) == len(final) == 8
+    duels = [(a > b) + 0.5 * (a == b) for p in range(8) for a in final[p] for b in start[p]]
+    assert w["win_rate"] == pytest.approx(sum(duels) / len(duels), abs=1e-12)
+    assert w["gold_final"] == pytest.approx(sum(map(sum, final)) / sum(map(len, final)), abs=1e-6)  # a float32 mean
     assert list((run.path / "plots").glob("rl_gold_vs_proxy_*.png"))
 
 
@@ -110,6 +119,14 @@ def test_bench_rl_writes_json(ray_session, tmp_path):
     for v in on_disk["variants"].values():
         assert v["steps"] == 2 and v["tokens_per_second"] > 0 and 0 < v["sync_share"] < 1
         assert set(v["phase_seconds"]) == {"generate", "experience", "annotate", "policy", "head", "sync", "eval"}
+        # MFU: the learner's FLOPs over its own seconds and the measured peak; no CPU beats its own GEMM
+        # peak by the 10× a miscounted FLOP formula (e.g. the full [B, T, V] LM head) would show
+        mfu = v["policy_learner"]
+        assert mfu["steps"] == 2 and mfu["train_flops"] > 0
+        assert mfu["mfu"] == pytest.approx(
+            mfu["train_flops"] / mfu["train_seconds"] / on_disk["gemm_peak"]["flops_per_second"]
+        )
+        assert 0 < mfu["mfu_policy_phase"] <= mfu["mfu"] < 1
     frozen, r2m = on_disk["variants"]["frozen"], on_disk["variants"]["r2m"]
     assert on_disk["r2m_wall_time_ratio"] == pytest.approx(r2m["loop_seconds"] / frozen["loop_seconds"])
     assert on_disk["r2m_phase_time_ratio"] == pytest.approx(r2m["step_seconds_total"] / frozen["step_seconds_total"])

@@ -32,15 +32,45 @@ def _cfg(tmp_path: Path, *extra: str):
     return load_config(ROOT / "jobs" / "quickstart.yaml", small_overrides(tmp_path) + list(extra))
 
 
+def rescored_accuracy(cfg, run_path: Path, split: str, scorers: list) -> tuple[float, float]:
+    """Accuracy on the world's `split` recomputed pair by pair, outside the stage: each scorer maps
+    (ids [1, T], mask) to one reward, the ensemble takes their minimum, ties count ½. With the
+    tolerance of one pair: single rows and the stage's padded batches round differently, which
+    could flip a pair whose margin is at rounding level."""
+    from r2m_ray.actors.reward_annotator import rm_tokenizer_dir
+    from r2m_ray.data.preference import load_preferences
+    from r2m_ray.data.tokenize import tokenize_preferences
+    from r2m_ray.models.registry import load_tokenizer
+
+    tokenizer = load_tokenizer(rm_tokenizer_dir(run_path / "checkpoints" / "rm-0"))
+    data = load_preferences(str(run_path / "world" / f"{split}.jsonl"), cfg.data, split=split)
+    pairs = tokenize_preferences(data, tokenizer, cfg.data).dataset
+    wins = 0.0
+    with torch.no_grad():
+        for row in pairs:
+            side = {}
+            for key in ("chosen", "rejected"):
+                ids = torch.tensor([row[f"{key}_input_ids"]])
+                side[key] = min(float(f(ids, torch.ones_like(ids))) for f in scorers)
+            wins += 1.0 if side["chosen"] > side["rejected"] else 0.5 if side["chosen"] == side["rejected"] else 0.0
+    return wins / len(pairs), 1.0 / len(pairs) + 1e-9
+
+
+def checkpoint_scorer(path: Path):
+    from r2m_ray.models.reward_model import RewardModel
+
+    model = RewardModel.from_pretrained(path).eval()
+    return lambda ids, mask: model(ids, mask).rewards.squeeze()
+
+
 def test_bt_learns_the_biased_world(ray_session, tmp_path):
     """Plain BT: above chance in distribution, the planted bias costs it out of distribution."""
     rewardbench = ROOT / "tests" / "fixtures" / "data" / "rewardbench.jsonl"
     cfg = _cfg(tmp_path, "rm.epochs=2", "stages=[world, rm]", f"data.extra_eval=[{rewardbench}]")
     run = run_pipeline(cfg, run_dir=tmp_path / "bt")
     s = json.loads((run.path / "summary.json").read_text())
-    for key in ("method", "steps", "pairs_per_second"):
-        assert key in s
     assert s["method"] == "bt" and s["steps"] == 2 * (768 // 16)
+    assert s["pairs_per_second"] == pytest.approx(s["steps"] * 16 / s["train_seconds"])
     assert s["accuracy"]["id"] > 0.65  # chance is 0.5
     assert s["accuracy"]["ood"] < s["accuracy"]["id"] - 0.1  # the generalisation gap
     assert set(s["eval"]["id"]["per_subset"]) and all(k.startswith("id/") for k in s["eval"]["id"]["per_subset"])
@@ -77,7 +107,11 @@ def test_grm_dpo_prioritized_resample_ensemble(ray_session, tmp_path):
     member_rows = [r for r in rows if r["stage"].startswith("rm/member")]
     assert {r["stage"] for r in member_rows} == {"rm/member0", "rm/member1"}
     assert all("reg_loss" in r and "delta_r2_mean" in r for r in member_rows)
-    assert all(0.0 <= s["accuracy"][k] <= 1.0 for k in ("id", "ood"))
+    # the reported accuracy is the min-ensemble of the two saved members, rescored here pair by pair
+    scorers = [checkpoint_scorer(Path(p)) for p in s["checkpoints"]]
+    for split, name in (("test_id", "id"), ("test_ood", "ood")):
+        acc, tol = rescored_accuracy(cfg, run.path, split, scorers)
+        assert s["accuracy"][name] == pytest.approx(acc, abs=tol)
 
 
 def test_sft_stage_improves_gold_reward(tmp_path):
@@ -216,7 +250,6 @@ def test_lora_rm_stage_with_grm_sft(ray_session, tmp_path, tiny_model_dir):
     init, trained = load_tensors(tiny_model_dir), load_tensors(ckpt / "backbone")
     changed = [k for k in init if k in trained and not torch.equal(init[k], trained[k])]
     assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
-    assert 0.0 <= run.summary["accuracy"]["id"] <= 1.0
     # the HF export scores a pair like the checkpoint it came from
     from transformers import AutoModelForSequenceClassification
 
@@ -224,6 +257,11 @@ def test_lora_rm_stage_with_grm_sft(ray_session, tmp_path, tiny_model_dir):
 
     exported = AutoModelForSequenceClassification.from_pretrained(run.summary["exports"][0]).eval()
     ours = RewardModel.from_pretrained(ckpt).eval()
+    # the accuracy the stage reports is that of the merged weights it saved and exported
+    acc, tol = rescored_accuracy(
+        cfg, run.path, "test_id", [lambda i, m: exported(input_ids=i, attention_mask=m).logits]
+    )
+    assert run.summary["accuracy"]["id"] == pytest.approx(acc, abs=tol)
     ids = torch.tensor([[1, 5, 9, 14, 20, 7]])
     with torch.no_grad():
         theirs = exported(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.squeeze()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from r2m_ray.actors.distributed import (
 )
 from r2m_ray.algos.policy_loss import clipped_policy_loss, entropy_from_logits, kl_penalty
 from r2m_ray.data.packing import packed_decoder_states
+from r2m_ray.eval.flops import DecoderShape, training_flops
 from r2m_ray.models.reward_model import position_ids_from_mask
 from r2m_ray.rl_config import PolicyConfig
 
@@ -54,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 EXPERIENCE_KEYS = ("input_ids", "attention_mask", "response_mask")
 RANK_AGREED = ("optimizer_steps", "nonfinite_skipped")  # equal on every rank: taken, not averaged
+RANK_SUMMED = ("train_flops",)  # the group's work is the sum of its ranks'
+RANK_SLOWEST = ("train_seconds",)  # ranks run together: the group takes as long as its slowest rank
 TRAIN_KEYS = (*EXPERIENCE_KEYS, "advantages", "old_logp", "ref_logp")
 OPTIONAL_TRAIN_KEYS = ("behaviour_weight",)  # [B, T], the async loop's per-token weights
 
@@ -123,6 +127,7 @@ class PolicyLearner(LearnerRank):
         model = load_causal_lm(Path(model_dir))
         disable_dropout(model)
         n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
+        self.shape = DecoderShape.of(model)
         opt = self.cfg.optim
         optim = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -254,7 +259,7 @@ class PolicyLearner(LearnerRank):
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         hidden: list[Tensor] = []
-        skipped = 0
+        skipped, flops, tick = 0, 0.0, time.perf_counter()
         for epoch in range(epochs):
             for i, sl in enumerate(slices):
                 mb = {k: batch[k][sl] for k in (*TRAIN_KEYS, *OPTIONAL_TRAIN_KEYS) if k in batch}
@@ -289,6 +294,7 @@ class PolicyLearner(LearnerRank):
                 self.engine.backward(loss)
                 self.engine.step()
                 self.optimizer_steps += 1
+                flops += training_flops(self.shape, mb["attention_mask"], len(logits))
                 stats.update(loss=loss.item(), entropy=ent_sum / max(ent_count, 1), lr=self.scheduler.get_last_lr()[0])
                 grad_norm = self.engine.get_global_grad_norm()
                 if grad_norm is not None:
@@ -305,6 +311,7 @@ class PolicyLearner(LearnerRank):
                     counts[k] = counts.get(k, 0) + 1
         out: dict[str, Any] = {k: sums[k] / counts[k] for k in sums}
         out.update(rows=rows, optimizer_steps=self.optimizer_steps, nonfinite_skipped=skipped)
+        out.update(train_flops=flops, train_seconds=time.perf_counter() - tick)  # for MFU (eval/flops.py)
         out["hidden_ref"] = self._put_hidden(hidden, batch["attention_mask"], batch["response_mask"])
         return out
 
@@ -425,11 +432,15 @@ class PolicyLearnerGroup(LearnerGroup):
 
     @staticmethod
     def reduce_metrics(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
-        """Row-weighted mean of the per-rank numeric stats, rows summed; refs and tensors are left out."""
+        """Row-weighted mean of the per-rank numeric stats; rows and FLOPs summed, train_seconds the slowest
+        rank's; refs and tensors are left out."""
         total = sum(m["rows"] for m in per_rank)
-        keys = [k for k, v in per_rank[0].items() if isinstance(v, (int, float)) and k not in ("rows", *RANK_AGREED)]
+        special = ("rows", *RANK_AGREED, *RANK_SUMMED, *RANK_SLOWEST)
+        keys = [k for k, v in per_rank[0].items() if isinstance(v, (int, float)) and k not in special]
         out: dict[str, Any] = {k: sum(m[k] * m["rows"] for m in per_rank) / total for k in keys}
         out["rows"] = total
+        out.update({k: sum(m[k] for m in per_rank) for k in RANK_SUMMED if k in per_rank[0]})
+        out.update({k: max(m[k] for m in per_rank) for k in RANK_SLOWEST if k in per_rank[0]})
         out.update({k: per_rank[0][k] for k in RANK_AGREED if k in per_rank[0]})
         return out
 

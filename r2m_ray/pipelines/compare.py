@@ -89,22 +89,54 @@ def _fmt(values: list[float]) -> str:
     return f"{mean:.1f} ± {std:.1f}"
 
 
-def results_table(rows: dict[str, list[dict[str, Any]]]) -> str:
-    """Markdown table: one row per variant, mean ± std over seeds (accuracies in %)."""
+PAIRED_RM = [("ID acc", "accuracy", "id"), ("OOD acc", "accuracy", "ood"), ("OOD gold acc", "gold_accuracy", "ood")]
+
+
+def results_table(rows: dict[str, list[dict[str, Any]]], reference: str | None = None) -> str:
+    """Markdown tables: one row per variant, mean ± std over seeds (accuracies in %) and training
+    seconds; then each variant's paired difference to `reference` (default: the first variant)."""
+    from r2m_ray.eval.rl_report import paired_difference
+
     lines = [
-        "| method | ID acc | OOD acc | ID gold acc | OOD gold acc | seeds |",
-        "|---|---|---|---|---|---|",
+        "| method | ID acc | OOD acc | ID gold acc | OOD gold acc | train s | seeds |",
+        "|---|---|---|---|---|---|---|",
     ]
 
     def get(runs: list[dict[str, Any]], key: str, split: str) -> list[float]:
         return [r[key][split] for r in runs if split in r.get(key, {})]
 
+    def seconds(runs: list[dict[str, Any]]) -> str:
+        values = [r["train_seconds"] for r in runs if "train_seconds" in r]
+        return f"{statistics.median(values):.1f}" if values else "–"
+
     for name, runs in rows.items():
         lines.append(
             f"| {name} | {_fmt(get(runs, 'accuracy', 'id'))} | {_fmt(get(runs, 'accuracy', 'ood'))} | "
             f"{_fmt(get(runs, 'gold_accuracy', 'id'))} | {_fmt(get(runs, 'gold_accuracy', 'ood'))} | "
-            f"{len(runs)} |"
+            f"{seconds(runs)} | {len(runs)} |"
         )
+    ref = reference or next(iter(rows))
+    others = [name for name in rows if name != ref]
+    if not others or len(rows[ref]) < 2:
+        return "\n".join(lines)
+    lines += [
+        "",
+        f"Paired difference to `{ref}` (same seed), in points: mean ± 95% interval (smallest difference the "
+        "seeds could detect at power 0.8); train-time ratio: median over seeds of the per-seed ratio",
+        "",
+        "| method | " + " | ".join(h for h, _, _ in PAIRED_RM) + " | train-time ratio |",
+        "|" + "---|" * (len(PAIRED_RM) + 2),
+    ]
+    by_seed = {r["seed"]: r for r in rows[ref]}
+    for name in others:
+        pairs = [(r, by_seed[r["seed"]]) for r in rows[name] if r.get("seed") in by_seed]
+        cells = []
+        for _, key, split in PAIRED_RM:
+            d = paired_difference([100 * a[key][split] for a, _ in pairs], [100 * b[key][split] for _, b in pairs])
+            cells.append(f"{d['mean']:+.1f} ± {d['half_width']:.1f} ({d['detectable']:.1f})")
+        ratios = [a["train_seconds"] / b["train_seconds"] for a, b in pairs if "train_seconds" in a]
+        cells.append(f"{statistics.median(ratios):.2f}" if ratios else "–")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -164,14 +196,15 @@ def run_compare(
             sub = RunDir.create(cfg, root.path / f"{name}-seed{seed}", "force")
             summary = run_rm_stage(cfg, sub, rm_init, world)
             sub.close()
-            rows[name].append(summary)
+            rows[name].append({**summary, "seed": seed})
             log.info("compare %s seed %d done", name, seed)
             atomic_write_text(root.path / "compare.json", json.dumps(rows, indent=2, default=float))
     minutes = (time.perf_counter() - t0) / 60
-    table = results_table(rows)
+    table = results_table(rows, spec.reference)
     what = (
         "Accuracy = agreement with the split's (noisy, biased-sampled) labels; gold acc = agreement "
-        "with the world's gold preference. Mean ± std over seeds, in %."
+        "with the world's gold preference. Mean ± std over seeds, in %; train s: the median over seeds "
+        "of the training loop's seconds (evaluation and start-up apart)."
     )
     body = (
         f"Command: `{command}` ({len(spec.seeds)} seeds, {minutes:.0f} min on this machine; run dir `{root.path}`).\n"

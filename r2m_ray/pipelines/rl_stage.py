@@ -503,5 +503,8 @@ def train_steps(
             "gold_start": float(start.mean()),
             "gold_final": float(final.mean()),
             "prompts": len(final_gold),
+            # [P][K] gold of each sample, for paired per-prompt analyses (and to recompute the rate)
+            "gold_start_per_prompt": state.winrate_start_gold,
+            "gold_final_per_prompt": final_gold,
         }
     state.step, state.seconds = T, seconds_before + time.perf_counter() - t_start

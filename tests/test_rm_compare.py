@@ -1,0 +1,55 @@
+"""`r2m-ray compare` on a tiny two-method RM table: every cell is the seeds' numbers it claims to be."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+import yaml
+
+from r2m_ray.cli import main
+from tests.conftest import ROOT, small_overrides
+
+pytestmark = pytest.mark.slow
+
+T_975_DF1 = 12.706204736174707  # the two-sided 95% t quantile with one degree of freedom (2 seeds)
+
+
+def test_rm_compare_table_and_paired_differences(ray_session, tmp_path):
+    spec = {
+        "base": str(ROOT / "jobs" / "quickstart.yaml"),
+        "overrides": small_overrides(tmp_path) + ["stages=[world, rm]", "rm.max_steps=8"],
+        "seeds": [0, 1],
+        "output": str(tmp_path / "results.md"),
+        "section": "tiny_rm",
+        "variants": {"bt": [], "smoothed": ["rm.loss=label_smoothing", "rm.label_smoothing=0.2"]},
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    (tmp_path / "results.md").write_text(
+        "# Results\n\nkept above\n\n<!-- tiny_rm:begin -->\nold\n<!-- tiny_rm:end -->\nkept below\n"
+    )
+    assert main(["compare", str(path), "--run-dir", str(tmp_path / "run")]) == 0
+    rows = json.loads((tmp_path / "run" / "compare.json").read_text())
+    assert [r["seed"] for r in rows["bt"]] == [r["seed"] for r in rows["smoothed"]] == [0, 1]
+    assert [r["method"] for r in rows["smoothed"]] == ["smoothed", "smoothed"]
+    text = (tmp_path / "results.md").read_text()
+    assert text.startswith("# Results\n\nkept above\n") and text.endswith("<!-- tiny_rm:end -->\nkept below\n")
+    assert "\nold\n" not in text and f"`r2m-ray compare {path}`" in text
+    lines = [line.strip("| ").split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    table = {cells[0]: cells for cells in lines if sum("±" in c for c in cells) == 4}  # the main table
+    for name in ("bt", "smoothed"):  # mean ± sample std over the 2 seeds, in %
+        ood = [100 * r["accuracy"]["ood"] for r in rows[name]]
+        assert table[name][2] == f"{statistics.fmean(ood):.1f} ± {statistics.stdev(ood):.1f}"
+        assert table[name][5] == f"{statistics.median(r['train_seconds'] for r in rows[name]):.1f}"
+        assert table[name][6] == "2"
+    # the paired row: the mean of the per-seed differences, its t-interval and the detectable effect
+    d = [100 * (a["accuracy"]["ood"] - b["accuracy"]["ood"]) for a, b in zip(rows["smoothed"], rows["bt"])]
+    half = T_975_DF1 * statistics.stdev(d) / math.sqrt(2)
+    paired = [cells for cells in lines if cells[0] == "smoothed" and sum("±" in c for c in cells) == 3]
+    assert len(paired) == 1 and set(table) == {"bt", "smoothed"}
+    assert paired[0][2].startswith(f"{statistics.fmean(d):+.1f} ± {half:.1f} (")
+    ratio = statistics.median(a["train_seconds"] / b["train_seconds"] for a, b in zip(rows["smoothed"], rows["bt"]))
+    assert paired[0][4] == f"{ratio:.2f}"
