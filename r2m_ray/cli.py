@@ -30,8 +30,11 @@ COMMANDS = {
     "eval.checkpoints=[dir] eval.export_dir=out",
     "compare": "methods × seeds → results tables: RM methods (`r2m-ray compare jobs/rm_compare.yaml`) or RL arms "
     "over paired seeds (`r2m-ray compare jobs/overopt_compare.yaml`; --report-only --run-dir DIR rebuilds the tables)",
+    "serve": "serve trained reward model(s) over HTTP with Ray Serve: eval.checkpoints=[DIR, ...], the bearer "
+    "token in $R2M_RAY_SERVE_TOKEN (serve.token_env); POST /get_reward {query: [...]} or /score {messages: [...]}",
     "bench": "benchmarks writing JSON: `r2m-ray bench rm|rl [CONFIG] [overrides]`; "
-    "`r2m-ray bench peer rm|rl [CONFIG]`: the same work beside TRL (pip install -e '.[peer]')",
+    "`r2m-ray bench peer rm|rl [CONFIG]`: the same work beside TRL (pip install -e '.[peer]'); "
+    "`r2m-ray bench serve [CONFIG] [eval.checkpoints=[DIR]]`: concurrent clients against `r2m-ray serve`",
 }
 
 
@@ -44,11 +47,17 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_text)
         if name == "bench":
             s.add_argument(
-                "what", choices=["rm", "rl", "peer"], help="which benchmark (`peer rm|rl`: beside TRL on the same work)"
+                "what",
+                choices=["rm", "rl", "peer", "serve"],
+                help="which benchmark (`peer rm|rl`: beside TRL on the same work; `serve`: clients against the server)",
             )
+            s.add_argument("--clients", type=int, default=8, help="bench serve: concurrent clients")
+            s.add_argument("--seconds", type=float, default=20.0, help="bench serve: how long the clients send")
             s.add_argument("--out", default=None, help="JSON output path (default: bench_<what>.json in the run dir)")
             s.add_argument("--repeats", type=int, default=3, help="bench peer: runs of each side (the median is kept)")
         s.add_argument("args", nargs="*", help="[CONFIG.yaml] [key.sub=value ...]")
+        if name == "serve":  # writes no run directory
+            continue
         s.add_argument("--run-dir", default=None, help="run directory (default: <output_dir>/<name>-<time>)")
         if name == "compare":
             s.add_argument(
@@ -169,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ns = _parser().parse_args(argv)
-    writes_to = ns.run_dir
+    writes_to = getattr(ns, "run_dir", None)
     try:
         if ns.command == "compare":
             from r2m_ray.pipelines.compare import run_compare
@@ -199,7 +208,12 @@ def main(argv: list[str] | None = None) -> int:
             ns.run_dir = resume
             config = config or str(Path(resume, "config.yaml"))
         cfg = load_config(config, overrides)
-        writes_to = ns.run_dir or cfg.output_dir  # named when a write fails without a file name
+        writes_to = getattr(ns, "run_dir", None) or cfg.output_dir  # named when a write fails without a file name
+        if ns.command == "serve":
+            from r2m_ray.serving.reward_server import serve_until_stopped
+
+            serve_until_stopped(cfg)
+            return 0
         if ns.command == "world":
             from r2m_ray.pipelines.full_run import run_world
             from r2m_ray.rundir import RunDir
@@ -246,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--repeats {ns.repeats}: give at least 1")
             bench_peer = bench_peer_rm if ns.args[0] == "rm" else bench_peer_rl
             print(json.dumps(bench_peer(cfg, ns.out, ns.run_dir, exist, ns.repeats), indent=2))
+            return 0
+        if ns.command == "bench" and ns.what == "serve":
+            from r2m_ray.serving.bench_serve import bench_serve
+
+            print(json.dumps(bench_serve(cfg, ns.out, ns.run_dir, exist, ns.clients, ns.seconds), indent=2))
             return 0
         if ns.command == "bench":
             from r2m_ray.bench import bench_rl, bench_rm

@@ -160,6 +160,24 @@ class EvalConfig(Section):
     rl_run: str | None = None  # `eval feedback`: a finished RL run directory on the world's prompts
 
 
+class ServeConfig(Section):
+    """`r2m-ray serve`: a trained RM over HTTP (Ray Serve), docs/operations.md "Serving a reward model"."""
+
+    host: str = "127.0.0.1"  # loopback unless the operator opens it on purpose
+    port: int = Field(default=8000, ge=1, le=65535)
+    token_env: str = "R2M_RAY_SERVE_TOKEN"  # the bearer token is read from this variable, never from a file
+    num_replicas: int = Field(default=1, ge=1)
+    num_cpus_per_replica: float = Field(default=1.0, gt=0)
+    torch_threads: int = Field(default=1, ge=1)
+    max_batch_size: int = Field(default=8, ge=1)  # requests merged into one forward batch
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+    max_ongoing_requests: int = Field(default=16, ge=1)  # per replica
+    max_queued_requests: int = Field(default=64, ge=1)  # beyond it: 503 (backpressure), not an unbounded queue
+    max_items_per_request: int = Field(default=256, ge=1)
+    max_request_bytes: int = Field(default=4 * 2**20, ge=1024)
+    request_timeout_s: float = Field(default=120.0, gt=0)
+
+
 class RunConfig(Section):
     """The root of the tree: one run directory, one seed, every stage's section."""
 
@@ -176,11 +194,26 @@ class RunConfig(Section):
     rl: RLConfig = RLConfig()
     ray: RayConfig = RayConfig()
     eval: EvalConfig = EvalConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _check_grm_needs_lm_head(self) -> RunConfig:
         if self.rm.freeze_backbone and self.rm.grm.regulariser != "none":
             raise ValueError("rm.grm.regulariser needs a trainable backbone; set rm.freeze_backbone=false")
+        return self
+
+    @model_validator(mode="after")
+    def _check_world_prompts_cover_the_win_rate(self) -> RunConfig:
+        # the world's RL prompts minus the win-rate hold-out must fill a step (else the RL stage
+        # would stop after the world, SFT and RM had been built)
+        rl, have = self.rl, self.world.splits.rl_prompts
+        if "rl" in self.stages and self.data.prompts is None and rl.winrate_prompts:
+            if have < rl.winrate_prompts + rl.prompts_per_step:
+                raise ValueError(
+                    f"rl.winrate_prompts={rl.winrate_prompts} held out of world.splits.rl_prompts={have} leaves "
+                    f"fewer than rl.prompts_per_step={rl.prompts_per_step} to train on; lower rl.winrate_prompts "
+                    "or raise world.splits.rl_prompts"
+                )
         return self
 
 

@@ -38,6 +38,24 @@ SMALL_RL = [
 ]
 
 
+def hh_transcript_problems(path: Path) -> dict[str, list[int]]:
+    """Source rows of an HH-RLHF transcript file that cannot become a pair, found independently of the
+    loader: a chosen final turn (after the last "\n\nAssistant:") that is empty, or chosen and
+    rejected dialogues that differ before their final turns."""
+    import gzip
+    import json
+
+    def split(text: str) -> tuple[str, str]:
+        head, _, final = text.rpartition("\n\nAssistant:")
+        return head, final.strip()
+
+    with gzip.open(path, "rt") as f:
+        rows = [json.loads(line) for line in f]
+    empty = [i for i, r in enumerate(rows) if not split(r["chosen"])[1]]
+    differ = [i for i, r in enumerate(rows) if i not in empty and split(r["chosen"])[0] != split(r["rejected"])[0]]
+    return {"empty_chosen": empty, "prompt_mismatch": differ}
+
+
 def small_overrides(tmp: Path) -> list[str]:
     """Overrides that make any job config a seconds-long test run."""
     return (

@@ -91,3 +91,14 @@ def test_compare_spec_names_are_checked(tmp_path):
             load_spec(path)
     path.write_text(yaml.safe_dump(good))
     assert load_spec(path).reward_models == {"biased": []}
+
+
+def test_world_prompts_must_cover_the_win_rate_hold_out():
+    """Refused when the config loads, not after the world, SFT and RM stages have run."""
+    with pytest.raises(ConfigError, match=r"rl.winrate_prompts=64 held out of world.splits.rl_prompts=64 leaves"):
+        load_config(ROOT / "jobs" / "quickstart.yaml", ["world.splits.rl_prompts=64", "rl.winrate_prompts=64"])
+    # user prompts have no gold and no hold-out: the world's count does not matter then
+    load_config(
+        ROOT / "jobs" / "quickstart.yaml",
+        ["world.splits.rl_prompts=64", "rl.winrate_prompts=64", "data.prompts=p.jsonl"],
+    )

@@ -19,7 +19,7 @@ from r2m_ray.data import (
     load_sft,
     parse_transcript,
 )
-from tests.conftest import ROOT
+from tests.conftest import ROOT, hh_transcript_problems
 
 FIX = ROOT / "tests" / "fixtures" / "data"
 HH = ROOT / "data" / "hh_rlhf_harmless_base_test.jsonl.gz"
@@ -251,11 +251,12 @@ def test_real_hh_counts_every_row(hh):
     rep = hh.report
     assert rep.n_in == 2312
     assert rep.n_out + rep.n_skipped == 2312 and rep.n_out == len(hh.dataset)
-    # measured on this file: 4 pairs whose chosen final turn is empty, 5 whose dialogue prefixes differ
-    assert dict(rep.skipped) == {"empty_chosen": 4, "prompt_mismatch": 5}
-    assert [i for i, _ in rep.examples["empty_chosen"]] == [86, 516, 925]
-    assert [i for i, _ in rep.examples["prompt_mismatch"]] == [1254, 1688, 1950]
-    assert rep.n_out == 2303
+    # the rows a plain reading of the file finds unusable, and no others (examples keep the first 3)
+    problems = hh_transcript_problems(HH)
+    assert dict(rep.skipped) == {k: len(v) for k, v in problems.items()}
+    for reason, rows in problems.items():
+        assert [i for i, _ in rep.examples[reason]] == rows[:3]
+    assert rep.n_out == 2312 - sum(map(len, problems.values()))
 
 
 def test_real_hh_example_split(hh):

@@ -23,8 +23,8 @@ def test_pack_layout_positions_mask_and_last_tokens():
     assert p.input_ids.tolist() == [[5, 6, 7, 3], [8, 9, 0, 0]]
     assert p.position_ids.tolist() == [[0, 1, 2, 0], [0, 1, 0, 0]]
     assert p.segment_ids.tolist() == [[1, 1, 1, 3], [2, 2, 0, 0]]
-    rows, cols = p.last_index
-    assert rows.tolist() == [0, 1, 0] and cols.tolist() == [2, 1, 3]
+    # where each sequence's last real token went (row, column), in input order
+    assert p.source_row.tolist() == [0, 1, 0] and (p.source_start + p.lengths - 1).tolist() == [2, 1, 3]
     m = p.attention_mask_4d[:, 0]
     assert m[0, 3].tolist() == [False, False, False, True]  # seq2 sees only itself
     assert m[0, 2].tolist() == [True, True, True, False]  # causal within seq0

@@ -34,11 +34,6 @@ class PackedBatch:
     source_start: Tensor
     lengths: Tensor
 
-    @property
-    def last_index(self) -> tuple[Tensor, Tensor]:
-        """(row, column) of each sequence's last real token, in input order."""
-        return self.source_row, self.source_start + self.lengths - 1
-
     def to(self, device: torch.device | str) -> PackedBatch:
         """The same batch with every tensor on `device`."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}

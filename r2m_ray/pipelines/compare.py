@@ -206,10 +206,7 @@ def run_compare(
         "with the world's gold preference. Mean ± std over seeds, in %; train s: the median over seeds "
         "of the training loop's seconds (evaluation and start-up apart)."
     )
-    body = (
-        f"Command: `{command}` ({len(spec.seeds)} seeds, {minutes:.0f} min on this machine; run dir `{root.path}`).\n"
-        f"{what}\n\n" + table
-    )
+    body = f"Command: `{command}` ({len(spec.seeds)} seeds, {minutes:.0f} min on this machine).\n{what}\n\n" + table
     write_section(Path(spec.output), spec.section, body)
     root.update_summary(None, {"table": table, "minutes": minutes})
     root.close()

@@ -1,0 +1,1 @@
+"""r2m_ray.serving: trained reward models behind HTTP (Ray Serve)."""
