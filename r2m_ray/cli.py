@@ -287,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         from r2m_ray.pipelines.waits import ActorLost
+        from r2m_ray.serving.reward_client import RemoteRewardError
 
-        if isinstance(err, ActorLost) and not os.environ.get("R2M_RAY_DEBUG"):
+        if isinstance(err, (ActorLost, RemoteRewardError)) and not os.environ.get("R2M_RAY_DEBUG"):
             print(f"r2m-ray: error: {err}", file=sys.stderr)
             return 1
         if isinstance(err, OSError) and err.strerror and not os.environ.get("R2M_RAY_DEBUG"):

@@ -64,10 +64,12 @@ RESUMABLE_KEYS = (
     "rl.placement.",
     "rl.rollout.max_restarts",
     "rl.reward.max_restarts",
+    "rl.reward.remote.",  # where the server is: its model is checked by digest instead
     "rl.reference_max_restarts",
     "rm.wait_timeout_s",
     "rm.startup_timeout_s",
     "rm.max_restarts",
+    "serve.",  # `r2m-ray serve` settings: no stage reads them
     "output_dir",
 )
 

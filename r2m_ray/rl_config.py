@@ -127,14 +127,26 @@ class R2MConfig(Section):
     loss: GREBTConfig = GREBTConfig()
 
 
+class RemoteRewardConfig(Section):
+    """rl.reward.mode=remote: the reward of an `r2m-ray serve` server (serving/reward_client.py)."""
+
+    url: str | None = None  # e.g. http://127.0.0.1:8000; unset: the environment variable url_env
+    url_env: str = "R2M_RAY_REWARD_URL"
+    token_env: str = "R2M_RAY_SERVE_TOKEN"  # the bearer token: from the environment only
+    timeout_s: float = Field(default=60.0, gt=0)
+    retries: int = Field(default=3, ge=0)
+    max_items: int = Field(default=256, ge=1)  # rows per request (also capped by the server's limit)
+
+
 class RewardConfig(Section):
     """RewardAnnotator ×N over the frozen RM; `r2m` adds policy feedback.
 
     `gold` optimises the world's gold reward itself (an upper bound, world prompts only); the
-    frozen RM still scores every sample so its reward is logged beside gold.
+    frozen RM still scores every sample so its reward is logged beside gold. `remote` asks a
+    served RM (`r2m-ray serve`) instead of loading one: the frozen RM's rewards over HTTP.
     """
 
-    mode: Literal["frozen", "r2m", "gold"] = "r2m"
+    mode: Literal["frozen", "r2m", "gold", "remote"] = "r2m"
     checkpoint: str | None = None  # RM checkpoint dir; default: this run's rm stage
     num_annotators: int = Field(default=1, ge=1)
     num_cpus_per_annotator: float = Field(default=1.0, gt=0)
@@ -143,6 +155,19 @@ class RewardConfig(Section):
     num_gpus_per_head_learner: float = Field(default=0.0, ge=0)  # a small head: a GPU share (e.g. 0.1) is plenty
     max_restarts: int = Field(default=2, ge=0)  # Ray restarts a dead annotator; the driver restores its head
     r2m: R2MConfig = R2MConfig()
+    remote: RemoteRewardConfig = RemoteRewardConfig()
+
+    def remote_url(self) -> str:
+        """The server's URL from rl.reward.remote.url or its environment variable, or a clear error."""
+        import os
+
+        url = self.remote.url or os.environ.get(self.remote.url_env, "")
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"rl.reward.mode=remote needs the reward server's URL (http://host:port) in rl.reward.remote.url "
+                f"or the environment variable {self.remote.url_env}; got {url!r}"
+            )
+        return url
 
 
 ROLES = ("rollout", "policy", "reference", "reward")  # reward = the annotator and the head learner

@@ -200,7 +200,7 @@ def check_r2m_command(argv: list[str], tmp: Path, inline: bool = False) -> str:
         assert Path(config).is_file(), f"config file {config} does not exist"
     cfg = load_config(config, overrides)
     stages = {"sft": ["world", "sft"], "rm": ["rm"], "rl": ["rl"], "run": list(cfg.stages)}.get(ns.command, [])
-    if "rl" in stages and "rm" not in stages:
+    if "rl" in stages and "rm" not in stages and cfg.rl.reward.mode != "remote":  # remote: a server's RM
         assert cfg.rl.reward.checkpoint, "rl.reward.checkpoint is not set and no rm stage runs: the rl stage fails"
     if ns.command == "eval" and sub == ["feedback"]:
         assert cfg.eval.rl_run, "eval feedback needs eval.rl_run=RUN_DIR"

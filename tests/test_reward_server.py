@@ -95,6 +95,11 @@ def test_rewards_are_the_checkpoints_in_both_forms(server):
     want = by_hand(ckpt, encoded)
     assert got.json()["rewards"] == pytest.approx(want, abs=1e-5) and got.json()["nonfinite"] == []
     assert got.json()["scores"] == got.json()["rewards"]  # OpenRLHF reads either key
+    # an RL policy's bare eos is a real sample: scored on request, as the local frozen RM scores it
+    empty = {"messages": [[*PROMPTS[0], {"role": "assistant", "content": ""}]], "allow_empty": True}
+    got_empty = httpx.post(f"{url}/score", json=empty, headers=auth(), timeout=60).json()["rewards"]
+    bare = encode_prompt_response(tok, PROMPTS[0], "", max_len, max_len - 1).input_ids
+    assert got_empty == pytest.approx(by_hand(ckpt, [bare]), abs=1e-5)
     # OpenRLHF's form: the full text, tokenised as it is, bos and eos added: the same tokens here
     texts = [render_prompt(tok, p) + r for p, r in zip(PROMPTS, REPLIES)]
     got = httpx.post(f"{url}/get_reward", json={"query": texts}, headers=auth(), timeout=60)
@@ -138,6 +143,17 @@ def test_token_is_required_and_info_names_the_model(server):
             ).encode(),
             422,
             "messages[0]: the last message must be a non-empty assistant reply",
+        ),
+        (
+            "/score",
+            json.dumps(
+                {
+                    "messages": [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]],
+                    "allow_empty": "yes",
+                }
+            ).encode(),
+            400,
+            '"allow_empty" must be true or false',
         ),
     ],
 )
@@ -225,3 +241,58 @@ def test_the_serve_command_answers_with_the_token_and_stops_on_sigterm(trained, 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def rl_rows(run_dir) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["stage"] == "rl"]
+
+
+def test_rl_stage_with_the_served_rm_gets_the_frozen_rms_rewards(server, trained, tmp_path):
+    """rl.reward.mode=remote against the server holding the same RM as mode=frozen: the same samples
+    (same seed, same policy) get the same rewards, so the two runs train alike step by step."""
+    from r2m_ray.pipelines.full_run import run_pipeline
+    from tests.conftest import rl_config
+
+    url, _, _ = server
+    tmp, base = trained
+    runs = {}
+    for mode in ("frozen", "remote"):
+        extra = ("rl.rollout.backend=hf", f"rl.reward.mode={mode}", f"rl.reward.remote.url={url}")
+        runs[mode] = run_pipeline(rl_config(tmp_path, base, *extra), run_dir=tmp_path / mode).path
+    frozen, remote = rl_rows(runs["frozen"]), rl_rows(runs["remote"])
+    assert [r["step"] for r in remote] == [r["step"] for r in frozen] == [1, 2]
+    for a, b in zip(remote, frozen):
+        for key in ("proxy_reward", "frozen_rm_reward", "gold_reward", "agreement_gold"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), (a["step"], key)
+        assert a["policy"]["loss"] == pytest.approx(b["policy"]["loss"], abs=1e-4)
+        assert a.get("detector_flag_rate") == b.get("detector_flag_rate")  # monitor fitted on the server's rewards
+    summary = json.loads((runs["remote"] / "summary.json").read_text())["rl"]
+    assert summary["mode"] == "remote" and summary["reward_checkpoint"] == url
+    assert summary["rm_accuracy"]["before"] == pytest.approx(
+        json.loads((runs["frozen"] / "summary.json").read_text())["rl"]["rm_accuracy"]["before"], abs=1 / 32
+    )
+
+
+def test_remote_reward_stops_with_a_clear_error_before_any_actor(server, trained, tmp_path, monkeypatch):
+    from r2m_ray.pipelines.full_run import run_pipeline
+    from tests.conftest import rl_config
+
+    url, _, _ = server
+    tmp, base = trained
+    monkeypatch.delenv("R2M_RAY_REWARD_URL", raising=False)
+    with pytest.raises(ValueError, match=r"URL \(http://host:port\) in rl.reward.remote.url or .* R2M_RAY_REWARD_URL"):
+        run_pipeline(rl_config(tmp_path, base, "rl.reward.mode=remote"), run_dir=tmp_path / "no-url")
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    cfg = rl_config(
+        tmp_path, base, "rl.reward.mode=remote", f"rl.reward.remote.url={nowhere}", "rl.reward.remote.retries=0"
+    )
+    with pytest.raises(RuntimeError, match=rf"reward server {nowhere}/info: ConnectError.*after 0 retries"):
+        run_pipeline(cfg, run_dir=tmp_path / "nowhere")
+    monkeypatch.setenv("R2M_RAY_SERVE_TOKEN", "another-token-0123456789")
+    cfg = rl_config(tmp_path, base, "rl.reward.mode=remote", f"rl.reward.remote.url={url}")
+    with pytest.raises(RuntimeError, match=rf"reward server {url}/info answered 401: invalid bearer token"):
+        run_pipeline(cfg, run_dir=tmp_path / "wrong-token")
+    monkeypatch.delenv("R2M_RAY_SERVE_TOKEN")
+    with pytest.raises(ValueError, match=r"environment variable R2M_RAY_SERVE_TOKEN \(rl.reward.remote.token_env\)"):
+        run_pipeline(cfg, run_dir=tmp_path / "no-token")

@@ -11,6 +11,8 @@ because the backbone never changes — and scores:
 - mode `r2m`:          r = φ((1−ω)·CrossAttn(H_last, h) + ω·H_last),  ω = ω(t)
   - feedback `noise`:  h replaced by seeded Gaussian noise of h's shape and scale
   - `iterative`:       ω forced to 1 (no feedback); φ is still trained by the head learner
+- mode `remote`:       r = the frozen RM of an `r2m-ray serve` server (serving/reward_client.py);
+  no RM is loaded here, and there is no RTE and no head
 
 Head weights arrive from the RewardHeadLearner through `load_head` (an ObjectRef the driver passes).
 """
@@ -61,13 +63,28 @@ class RewardAnnotator:
         torch_threads: int = 1,
         batch_size: int = 32,
         cache_size: int = 65536,
+        remote_token: str | None = None,
     ) -> None:
-        """Load the frozen RM + tokenizer from `rm_checkpoint`; build the head (same `seed` as the learner's)."""
+        """Load the frozen RM + tokenizer from `rm_checkpoint`; build the head (same `seed` as the learner's).
+
+        In `remote` mode `rm_checkpoint` is unused: `remote_token` opens the server given by the config.
+        """
         from r2m_ray.models.registry import actor_device, load_tokenizer
         from r2m_ray.models.reward_model import RewardModel
 
         torch.set_num_threads(torch_threads)
         self.cfg = parse_reward_config(cfg_json)
+        self.cache: OrderedDict[tuple[str, str], Tensor] = OrderedDict()
+        self.cache_size, self.version = cache_size, 0
+        self.detector: PrototypeDetector | None = None  # the reward-hacking monitor (fit_detector)
+        self.stats = {"hits": 0, "misses": 0, "evictions": 0}
+        self.remote = None
+        if self.cfg.mode == "remote":
+            from r2m_ray.serving.reward_client import RemoteReward
+
+            r = self.cfg.remote
+            self.remote = RemoteReward(self.cfg.remote_url(), remote_token or "", r.timeout_s, r.retries, r.max_items)
+            return
         ckpt = Path(rm_checkpoint)
         self.device = actor_device()
         self.rm = RewardModel.from_pretrained(ckpt).eval().to(self.device)
@@ -79,11 +96,6 @@ class RewardAnnotator:
         self.head.requires_grad_(False)  # annotators only ever score
         self.head.to(self.device)
         self.seed, self.max_length, self.batch_size = seed, max_length, batch_size
-        self.cache: OrderedDict[tuple[str, str], Tensor] = OrderedDict()
-        self.cache_size = cache_size
-        self.version = 0
-        self.stats = {"hits": 0, "misses": 0, "evictions": 0}
-        self.detector: PrototypeDetector | None = None  # the reward-hacking monitor (fit_detector)
 
     # ------------------------------------------------------------------ RTE
 
@@ -176,6 +188,8 @@ class RewardAnnotator:
         `r2m` mode unless `iterative`; ignored in `frozen` mode). `rte` goes to the head learner.
         `frozen_rewards` is the frozen RM's own reward of the same rows, whatever the mode.
         """
+        if self.remote is not None:
+            return self._annotate_remote(prompt_messages, responses, hidden_refs)
         needs_feedback = self.cfg.mode == "r2m" and not self.cfg.r2m.iterative
         if needs_feedback and hidden_refs is None:
             raise ValueError(
@@ -206,8 +220,33 @@ class RewardAnnotator:
             "head_version": self.version,
         }
 
+    def _annotate_remote(
+        self, prompt_messages: list[list[dict]], responses: list[str], hidden_refs: list | None
+    ) -> dict[str, Any]:
+        """`annotate` in remote mode: the server's rewards are the frozen RM's; no RTE, no head."""
+        rewards = self.remote.score(prompt_messages, responses)
+        bad_rows = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+        flags = None
+        if self.detector is not None and hidden_refs is not None:
+            hidden_refs = [ray.get(x) if isinstance(x, ray.ObjectRef) else x for x in hidden_refs]
+            flags = self.detector.flags(fetch_pooled(hidden_refs, len(responses)))
+        return {
+            "rewards": rewards,
+            "frozen_rewards": rewards,
+            "hacking_flags": flags,
+            "nonfinite": len(bad_rows),
+            "nonfinite_rows": bad_rows[:10],
+            "rte": None,
+            "omega": 1.0,
+            "cache_hits": 0,
+            "rte_computed": 0,
+            "head_version": self.version,
+        }
+
     def frozen_rm_rewards(self, prompt_messages: list[list[dict]], responses: list[str]) -> Tensor:
         """The frozen RM's own rewards [B] (whatever the mode), through the same RTE cache."""
+        if self.remote is not None:
+            return self.remote.score(prompt_messages, responses)
         rte, _, _ = self._rte(prompt_messages, responses)
         with torch.no_grad():
             return self.rm.score_hidden(rte.to(self.device)).cpu()
@@ -231,8 +270,11 @@ class RewardAnnotator:
             raise ValueError(f"pairwise_accuracy: {n} prompts, {len(chosen)} chosen, {len(rejected)} rejected")
         if n == 0:
             raise ValueError("pairwise_accuracy: no pairs")
-        rte, _, _ = self._rte(list(prompt_messages) * 2, list(chosen) + list(rejected))
-        rewards, _ = self._score(rte, hidden_refs, t, T)
+        if self.remote is not None:
+            rewards = self.remote.score(list(prompt_messages) * 2, list(chosen) + list(rejected))
+        else:
+            rte, _, _ = self._rte(list(prompt_messages) * 2, list(chosen) + list(rejected))
+            rewards, _ = self._score(rte, hidden_refs, t, T)
         if not torch.isfinite(rewards).all():  # no accuracy to report, but not a reason to stop the run
             logger.warning(
                 "pairwise_accuracy: %d of %d rewards are NaN/inf", int((~torch.isfinite(rewards)).sum()), 2 * n
@@ -254,9 +296,7 @@ class RewardAnnotator:
         prototypes (`set_detector` takes them back: checkpoints and restarts keep the monitor).
         """
         n = len(chosen)
-        rte, _, _ = self._rte(list(prompt_messages) * 2, list(chosen) + list(rejected))
-        with torch.no_grad():
-            frozen = self.rm.score_hidden(rte.to(self.device)).cpu()
+        frozen = self.frozen_rm_rewards(list(prompt_messages) * 2, list(chosen) + list(rejected))
         hacked_pair = frozen[n:] > frozen[:n]
         if not hacked_pair.any():
             self.detector = None
@@ -293,7 +333,10 @@ class RewardAnnotator:
         return self.head.head_state()
 
     def frozen_rm_digest(self) -> str:
-        """sha256 over the frozen RM's full state (backbone + value head): proof nothing trained it."""
+        """sha256 over the frozen RM's full state (backbone + value head): proof nothing trained it.
+        Remote: the served checkpoints' file digests, as the server reports them."""
+        if self.remote is not None:
+            return "remote:" + self.remote.digest()
         digest = hashlib.sha256()
         for name, tensor in sorted(self.rm.state_dict().items()):
             digest.update(name.encode())
@@ -302,4 +345,10 @@ class RewardAnnotator:
 
     def cache_info(self) -> dict[str, int]:
         """RTE cache size, cap and lifetime hits / misses / evictions."""
-        return {"size": len(self.cache), "cap": self.cache_size, **self.stats}
+        remote = self.remote.stats if self.remote is not None else {}
+        return {
+            "size": len(self.cache),
+            "cap": self.cache_size,
+            **self.stats,
+            **{f"remote_{k}": v for k, v in remote.items()},
+        }

@@ -194,7 +194,13 @@ class RLActors:
     """Rollout engines, policy learner group, reference, annotator and (r2m) head learner."""
 
     def __init__(
-        self, cfg: RunConfig, policy_dir: Path, rm_ckpt: Path, d_policy: int, pad_id: int, restarts: dict[str, int]
+        self,
+        cfg: RunConfig,
+        policy_dir: Path,
+        rm_ckpt: Path | None,
+        d_policy: int,
+        pad_id: int,
+        restarts: dict[str, int],
     ) -> None:
         rl = cfg.rl
         self.cfg, self.rl = cfg, rl
@@ -215,7 +221,7 @@ class RLActors:
             self.shutdown()  # what did start must not outlive a failed start
             raise
 
-    def _start(self, cfg: RunConfig, policy_dir: Path, rm_ckpt: Path, d_policy: int, pad_id: int) -> None:
+    def _start(self, cfg: RunConfig, policy_dir: Path, rm_ckpt: Path | None, d_policy: int, pad_id: int) -> None:
         rl, seed = cfg.rl, cfg.seed
         self.rollouts = [
             RolloutActor.options(**self.plan.options("rollout", i), max_restarts=rl.rollout.max_restarts).remote(
@@ -235,10 +241,17 @@ class RLActors:
             max_restarts=rl.reference_max_restarts,
             max_task_retries=rl.reference_max_restarts,  # stateless: Ray may simply run the call again
         ).remote(str(policy_dir), pad_id)
-        reward_json = rl.reward.model_dump_json()
+        reward, token = rl.reward, None
+        if reward.mode == "remote":  # URL and token resolved here, from the driver's environment
+            from r2m_ray.serving.reward_client import read_token
+
+            reward = reward.model_copy(deep=True)
+            reward.remote.url = rl.reward.remote_url()
+            token = read_token(reward.remote.token_env, "rl.reward.remote.token_env")
+        reward_json = reward.model_dump_json()
         self.annotator = RewardAnnotator.options(
             **self.plan.options("reward", 0), max_restarts=rl.reward.max_restarts
-        ).remote(str(rm_ckpt), reward_json, d_policy, cfg.data.max_length, seed)
+        ).remote(str(rm_ckpt or ""), reward_json, d_policy, cfg.data.max_length, seed, remote_token=token)
         if rl.reward.mode == "r2m":
             self.head_learner = RewardHeadLearner.options(**self.plan.options("reward", 1)).remote(
                 str(rm_ckpt), reward_json, d_policy, seed

@@ -78,6 +78,7 @@ from r2m_ray.ray_setup import check_demands
 from r2m_ray.rl_checkpoint import CheckpointStore, DriverState
 from r2m_ray.run_inputs import sha256_path
 from r2m_ray.rundir import RunDir
+from r2m_ray.serving.reward_client import served_reward_digest
 
 log = logging.getLogger(__name__)
 PHASES = ("generate", "experience", "annotate", "policy", "sync", "head", "eval")
@@ -94,7 +95,7 @@ def run_rl_stage(
     cfg: RunConfig,
     run: RunDir,
     policy_dir: Path,
-    rm_ckpt: Path,
+    rm_ckpt: Path | None,
     world_paths: dict[str, Path],
     resume: bool = False,
 ) -> dict[str, Any]:
@@ -105,6 +106,8 @@ def run_rl_stage(
     rl.max_stage_restarts times.
     """
     rl = cfg.rl
+    remote = rl.reward.mode == "remote"  # the RM is a server's: no checkpoint here
+    rm_ckpt = None if remote else rm_ckpt
     preflight_rl(cfg, policy_dir, rm_ckpt)  # before any actor: a bad model fails here, by name
     tokenizer = load_tokenizer(policy_dir)
     pad_id = tokenizer.pad_token_id
@@ -121,7 +124,8 @@ def run_rl_stage(
     check_demands("rl", role_demands(rl))  # every role, alone on a node and all together: no actor waits forever
     d_policy = hidden_size(policy_dir)
     # the starting policy and RM are hashed once; a resume refuses them if they changed at the same path
-    inputs = {"policy checkpoint": sha256_path(policy_dir), "reward-model checkpoint": sha256_path(rm_ckpt)}
+    rm_digest = served_reward_digest(rl.reward) if remote else sha256_path(rm_ckpt)  # remote: reachable, or stop
+    inputs = {"policy checkpoint": sha256_path(policy_dir), "reward-model checkpoint": rm_digest}
     store = CheckpointStore(
         Path(rl.checkpoint.dir or run.path / "checkpoints" / "rl"), rl.checkpoint.keep_last, run.run_id, inputs
     )
@@ -199,7 +203,7 @@ def run_rl_stage(
         "mode": rl.reward.mode,
         "algo": rl.policy.algo,
         "policy_start": str(policy_dir),  # what the run started from (eval feedback reads them back)
-        "reward_checkpoint": str(rm_ckpt),
+        "reward_checkpoint": rl.reward.remote_url() if remote else str(rm_ckpt),
         "steps": rl.steps,
         "max_staleness": rl.async_.max_staleness,
         "gold_reward": {"initial": history[0].get("gold_reward"), "final": history[-1].get("gold_reward")},

@@ -6,6 +6,7 @@ Endpoints (JSON in, JSON out):
   chat template already applied); it is tokenised as it is by the RM's tokenizer (bos prepended
   and eos appended when missing), so it must fit `data.max_length` tokens.
 - `POST /score` `{"messages": [[{"role": ..., "content": ...}, ..., {"role": "assistant", ...}], ...]}`
+  (optionally `"allow_empty": true`: an empty reply is scored, as an RL policy's bare eos must be)
   → the same answer: every conversation before its last (assistant) turn is rendered with the RM's
   OWN chat template and the reply appended, exactly as the RM stage and the RL annotator encode a
   (prompt, response), so a policy with another tokenizer gets the rewards this RM was trained for.
@@ -35,7 +36,6 @@ import hmac
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -44,28 +44,17 @@ from fastapi import FastAPI, HTTPException, Request
 from ray import serve
 
 from r2m_ray.config import ConfigError, RunConfig
+from r2m_ray.serving.reward_client import read_token
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "r2m-reward"
-MIN_TOKEN_CHARS = 16
 app = FastAPI(title="r2m-ray reward model", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 def token_digest(token: str) -> str:
     """What the replicas keep of the bearer token."""
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def read_token(env: str) -> str:
-    """The bearer token from the environment, or a clear error naming the variable."""
-    token = os.environ.get(env, "")
-    if len(token) < MIN_TOKEN_CHARS:
-        raise ConfigError(
-            f"serve: set a bearer token of at least {MIN_TOKEN_CHARS} characters in the environment variable "
-            f"{env} (serve.token_env), e.g. `export {env}=$(openssl rand -hex 24)`; it is never read from a file"
-        )
-    return token
 
 
 def _items(body: Any, field: str, limit: int) -> list[Any]:
@@ -156,7 +145,7 @@ class RewardServer:
             )
         return ids
 
-    def _encode_chat(self, i: int, conversation: Any) -> list[int]:
+    def _encode_chat(self, i: int, conversation: Any, allow_empty: bool = False) -> list[int]:
         from r2m_ray.data.schemas import RowProblem
         from r2m_ray.data.tokenize import encode_prompt_response
 
@@ -165,8 +154,11 @@ class RewardServer:
         if not ok:
             raise HTTPException(400, f"messages[{i}] must be a list of >= 2 {{role, content}} messages")
         *prompt, reply = conversation
-        if reply["role"] != "assistant" or not reply["content"].strip():
-            raise HTTPException(422, f"messages[{i}]: the last message must be a non-empty assistant reply")
+        if reply["role"] != "assistant" or not (allow_empty or reply["content"].strip()):
+            raise HTTPException(
+                422,
+                f'messages[{i}]: the last message must be a non-empty assistant reply (or send "allow_empty": true)',
+            )
         try:
             enc = encode_prompt_response(self.tokenizer, prompt, reply["content"], self.max_length, self.max_length - 1)
         except RowProblem as err:
@@ -240,7 +232,10 @@ class RewardServer:
     async def score(self, request: Request) -> dict[str, Any]:
         body = await self._body(request)
         conversations = _items(body, "messages", self.serve_cfg.max_items_per_request)
-        return await self._answer([self._encode_chat(i, c) for i, c in enumerate(conversations)])
+        allow_empty = body.get("allow_empty", False)  # an RL policy may answer with eos alone: a real sample
+        if not isinstance(allow_empty, bool):
+            raise HTTPException(400, '"allow_empty" must be true or false')
+        return await self._answer([self._encode_chat(i, c, allow_empty) for i, c in enumerate(conversations)])
 
 
 def start_reward_server(cfg: RunConfig) -> str:
@@ -251,7 +246,10 @@ def start_reward_server(cfg: RunConfig) -> str:
 
     if not cfg.eval.checkpoints:
         raise ConfigError("serve: give the reward model(s) to serve, eval.checkpoints=[DIR, ...]")
-    token = read_token(cfg.serve.token_env)
+    try:
+        token = read_token(cfg.serve.token_env)
+    except ValueError as err:
+        raise ConfigError(f"serve: {err}") from None
     digests = {}
     for i, path in enumerate(cfg.eval.checkpoints):
         checked = check_reward_checkpoint(path, f"eval.checkpoints[{i}]").resolve()
