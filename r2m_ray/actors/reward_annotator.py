@@ -188,20 +188,23 @@ class RewardAnnotator:
         `r2m` mode unless `iterative`; ignored in `frozen` mode). `rte` goes to the head learner.
         `frozen_rewards` is the frozen RM's own reward of the same rows, whatever the mode.
         """
-        if self.remote is not None:
-            return self._annotate_remote(prompt_messages, responses, hidden_refs)
         needs_feedback = self.cfg.mode == "r2m" and not self.cfg.r2m.iterative
         if needs_feedback and hidden_refs is None:
             raise ValueError(
                 "rl.reward.mode=r2m needs hidden_refs (the policy's hidden states); "
                 "pass them, or use mode=frozen / r2m.iterative=true"
             )
-        rte, hits, computed = self._rte(prompt_messages, responses)
         if hidden_refs is not None:  # fetched once: scoring and the hacking monitor both read them
             hidden_refs = [ray.get(x) if isinstance(x, ray.ObjectRef) else x for x in hidden_refs]
-        rewards, w = self._score(rte, hidden_refs if needs_feedback else None, t, T)
-        with torch.no_grad():
-            frozen = rewards if self.cfg.mode != "r2m" else self.rm.score_hidden(rte.to(self.device)).cpu()
+        if self.remote is not None:  # the server's rewards are the frozen RM's; no RTE, no head
+            rte, hits, computed = None, 0, 0
+            rewards, w = self.remote.score(prompt_messages, responses), 1.0
+            frozen = rewards
+        else:
+            rte, hits, computed = self._rte(prompt_messages, responses)
+            rewards, w = self._score(rte, hidden_refs if needs_feedback else None, t, T)
+            with torch.no_grad():
+                frozen = rewards if self.cfg.mode != "r2m" else self.rm.score_hidden(rte.to(self.device)).cpu()
         # counted, not raised: the driver skips the step and stops after rl.max_nonfinite_steps in a row
         bad_rows = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
         flags = None
@@ -217,29 +220,6 @@ class RewardAnnotator:
             "omega": w,
             "cache_hits": hits,
             "rte_computed": computed,
-            "head_version": self.version,
-        }
-
-    def _annotate_remote(
-        self, prompt_messages: list[list[dict]], responses: list[str], hidden_refs: list | None
-    ) -> dict[str, Any]:
-        """`annotate` in remote mode: the server's rewards are the frozen RM's; no RTE, no head."""
-        rewards = self.remote.score(prompt_messages, responses)
-        bad_rows = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
-        flags = None
-        if self.detector is not None and hidden_refs is not None:
-            hidden_refs = [ray.get(x) if isinstance(x, ray.ObjectRef) else x for x in hidden_refs]
-            flags = self.detector.flags(fetch_pooled(hidden_refs, len(responses)))
-        return {
-            "rewards": rewards,
-            "frozen_rewards": rewards,
-            "hacking_flags": flags,
-            "nonfinite": len(bad_rows),
-            "nonfinite_rows": bad_rows[:10],
-            "rte": None,
-            "omega": 1.0,
-            "cache_hits": 0,
-            "rte_computed": 0,
             "head_version": self.version,
         }
 

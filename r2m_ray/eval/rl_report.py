@@ -92,6 +92,12 @@ def paired_difference(a: Sequence[float], b: Sequence[float], power: float = 0.8
     return {"mean": mean, "half_width": half, "detectable": mde, "n": n}
 
 
+def paired_cell(diff: dict[str, float], digits: int) -> str:
+    """A `paired_difference` as a table cell: mean ± 95% half-width (detectable effect)."""
+    d = digits
+    return f"{diff['mean']:+.{d}f} ± {diff['half_width']:.{d}f} ({diff['detectable']:.{d}f})"
+
+
 def band_on_grid(curves: list[tuple[np.ndarray, np.ndarray]], points: int = 40) -> tuple[np.ndarray, ...]:
     """Per-seed (x, y) curves → (grid, mean, sd) on a shared x grid up to the smallest max x (every seed
     contributes at every grid point)."""

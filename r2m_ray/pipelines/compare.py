@@ -95,7 +95,7 @@ PAIRED_RM = [("ID acc", "accuracy", "id"), ("OOD acc", "accuracy", "ood"), ("OOD
 def results_table(rows: dict[str, list[dict[str, Any]]], reference: str | None = None) -> str:
     """Markdown tables: one row per variant, mean ± std over seeds (accuracies in %) and training
     seconds; then each variant's paired difference to `reference` (default: the first variant)."""
-    from r2m_ray.eval.rl_report import paired_difference
+    from r2m_ray.eval.rl_report import paired_cell, paired_difference
 
     lines = [
         "| method | ID acc | OOD acc | ID gold acc | OOD gold acc | train s | seeds |",
@@ -133,7 +133,7 @@ def results_table(rows: dict[str, list[dict[str, Any]]], reference: str | None =
         cells = []
         for _, key, split in PAIRED_RM:
             d = paired_difference([100 * a[key][split] for a, _ in pairs], [100 * b[key][split] for _, b in pairs])
-            cells.append(f"{d['mean']:+.1f} ± {d['half_width']:.1f} ({d['detectable']:.1f})")
+            cells.append(paired_cell(d, 1))
         ratios = [a["train_seconds"] / b["train_seconds"] for a, b in pairs if "train_seconds" in a]
         cells.append(f"{statistics.median(ratios):.2f}" if ratios else "–")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

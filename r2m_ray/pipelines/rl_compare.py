@@ -28,7 +28,7 @@ import yaml
 from r2m_ray.atomic_write import atomic_write_text
 from r2m_ray.config import ConfigError, RunConfig, load_config
 from r2m_ray.eval.plots import save_figure
-from r2m_ray.eval.rl_report import WINDOW, band_on_grid, curve_stats, kl_curves, mean_ci, paired_difference
+from r2m_ray.eval.rl_report import WINDOW, band_on_grid, curve_stats, kl_curves, mean_ci, paired_cell, paired_difference
 from r2m_ray.rl_checkpoint import config_differences
 from r2m_ray.rundir import RunDir
 
@@ -213,7 +213,7 @@ def tables(spec: Any, results: dict[str, list[dict[str, Any]]]) -> str:
         paired = [(r, ref_by_seed[r["seed"]]) for r in results[arm] if r["seed"] in ref_by_seed]
         for _, key, d in PAIRED:
             diff = paired_difference([a[key] for a, _ in paired], [b[key] for _, b in paired])
-            cells.append(f"{diff['mean']:+.{d}f} ± {diff['half_width']:.{d}f} ({diff['detectable']:.{d}f})")
+            cells.append(paired_cell(diff, d))
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines.append("")
     for arm in arms:
