@@ -172,4 +172,7 @@ def print_summary(summary: dict[str, Any]) -> None:
             "winrate_vs_start",
             "tokens_per_second",
         ):
-            print(f"{'rl ' + key:>18}: {rl[key]}")
+            value = rl[key]
+            if isinstance(value, dict):  # the per-prompt gold lists are for analyses, not the terminal
+                value = {k: v for k, v in value.items() if not k.endswith("_per_prompt")}
+            print(f"{'rl ' + key:>18}: {value}")
