@@ -25,7 +25,8 @@ COMMANDS = {
     "run": "the config's `stages` in order (the packaged default and jobs/quickstart.yaml: world → sft → rm → rl)",
     "eval": "accuracy of trained reward model(s): eval.checkpoints=[...]; "
     "`eval bon`: best-of-n curves with one RM (eval.checkpoints=[rm] eval.bon.n=16 data.prompts=...); "
-    "`eval feedback eval.rl_run=RUN_DIR`: policy hidden-state similarity and the hacking detector on an RL run",
+    "`eval feedback eval.rl_run=RUN_DIR`: policy hidden-state similarity and the hacking detector on an RL run; "
+    "`eval decomposition eval.checkpoints=[rm]`: the prompt-free gap Δr2 against the world's exact truth",
     "export": "export a reward model for AutoModelForSequenceClassification: "
     "eval.checkpoints=[dir] eval.export_dir=out",
     "compare": "methods × seeds → results tables: RM methods (`r2m-ray compare jobs/rm_compare.yaml`) or RL arms "
@@ -53,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
             )
             s.add_argument("--clients", type=int, default=8, help="bench serve: concurrent clients")
             s.add_argument("--seconds", type=float, default=20.0, help="bench serve: how long the clients send")
+            s.add_argument(
+                "--kill-replica-after",
+                type=float,
+                default=None,
+                help="bench serve: kill one replica this many seconds into the load (needs serve.num_replicas >= 2)",
+            )
             s.add_argument("--out", default=None, help="JSON output path (default: bench_<what>.json in the run dir)")
             s.add_argument("--repeats", type=int, default=3, help="bench peer: runs of each side (the median is kept)")
         s.add_argument("args", nargs="*", help="[CONFIG.yaml] [key.sub=value ...]")
@@ -192,10 +199,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         bon = ns.command == "eval" and ns.args[:1] == ["bon"]
         feedback = ns.command == "eval" and ns.args[:1] == ["feedback"]
+        decomposition = ns.command == "eval" and ns.args[:1] == ["decomposition"]
         peer = ns.command == "bench" and ns.what == "peer"
         if peer and ns.args[:1] not in (["rm"], ["rl"]):
             raise ConfigError("bench peer: say which side, `r2m-ray bench peer rm|rl [CONFIG] [overrides]`")
-        config, overrides = _split_args(ns.args[1:] if bon or feedback or peer else ns.args)
+        config, overrides = _split_args(ns.args[1:] if bon or feedback or decomposition or peer else ns.args)
         resume = getattr(ns, "resume", None)
         exist: ExistPolicy = "force" if getattr(ns, "force", False) else "new"
         if resume is not None and exist == "force":
@@ -246,6 +254,18 @@ def main(argv: list[str] | None = None) -> int:
             }
             print(json.dumps(brief, indent=2, default=float))
             return 0
+        if decomposition:
+            from r2m_ray.eval.decomposition_check import check_decomposition, family_table, report_table
+            from r2m_ray.rundir import RunDir
+
+            run = RunDir.create(cfg.model_copy(update={"name": "decomposition"}), ns.run_dir, exist)
+            report = check_decomposition(cfg, run)
+            run.close()
+            print(report_table(report))
+            split = next(iter(report["splits"]))
+            print(family_table(report, split, next(iter(report["splits"][split]))))
+            print(f"run_dir: {run.path}")
+            return 0
         if ns.command == "eval":
             summary = _cmd_eval(cfg, ns.run_dir, exist)
             print(json.dumps(summary["accuracy"], indent=2))
@@ -264,7 +284,14 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "bench" and ns.what == "serve":
             from r2m_ray.serving.bench_serve import bench_serve
 
-            print(json.dumps(bench_serve(cfg, ns.out, ns.run_dir, exist, ns.clients, ns.seconds), indent=2))
+            print(
+                json.dumps(
+                    bench_serve(
+                        cfg, ns.out, ns.run_dir, exist, ns.clients, ns.seconds, kill_replica_after=ns.kill_replica_after
+                    ),
+                    indent=2,
+                )
+            )
             return 0
         if ns.command == "bench":
             from r2m_ray.bench import bench_rl, bench_rm

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from r2m_ray.config_base import OptimConfig, Section
 from r2m_ray.data.config import DataConfig
@@ -62,10 +62,18 @@ class PrioritizerConfig(Section):
     enabled: bool = False
     mode: Literal["reweight", "resample"] = "reweight"
     tau: float = Field(default=1.0, gt=0)
+    # batch_std: Δr2 divided by its batch std before τ (ours; priorities then keep their sharpness
+    # as the reward scale grows); none: the raw reward-scale gap, as ALGORITHMS.md §2 writes it
+    normalize: Literal["none", "batch_std"] = "none"
+    # steps trained with uniform weights before the priorities are used (the value head is untrained
+    # at first, so its gaps are noise); the prioritiser is not asked to score during the warm-up
+    warmup_steps: int = Field(default=0, ge=0)
     num_prompts: int = Field(default=4, ge=2)
     refresh_every: int = Field(default=10, ge=1)
     pool_factor: int = Field(default=2, ge=1)
-    weights: Literal["uniform"] = "uniform"
+    # reference: w_i ∝ π_ref(y_c|x_i)·π_ref(y_r|x_i) from the frozen starting model's LM head (the
+    # paper's importance weights, algos/decomposition.importance_weights); uniform: w_i = 1/M
+    weights: Literal["uniform", "reference"] = "uniform"
     num_cpus: float = Field(default=1.0, gt=0)
 
 
@@ -151,6 +159,22 @@ class BestOfNConfig(Section):
     judge: str | None = None  # a second, independently trained RM that scores the picked responses
 
 
+class DecompositionCheckConfig(Section):
+    """`eval decomposition`: the prompt-free gap estimator against the world's exact truth."""
+
+    num_prompts: list[int] = [2, 4, 8]  # M values compared (cross prompts per pair, own included)
+    splits: list[Literal["train", "test_id", "test_ood"]] = ["test_id", "test_ood"]
+    batch_size: int | None = Field(default=None, ge=2)  # pairs per batch (the cross prompts' pool); None: rm.batch_size
+    seed: int = 0
+
+    @field_validator("num_prompts")
+    @classmethod
+    def _at_least_two(cls, value: list[int]) -> list[int]:
+        if not value or any(m < 2 for m in value):
+            raise ValueError("eval.decomposition.num_prompts: each M must be >= 2 (the pair's own prompt and another)")
+        return value
+
+
 class EvalConfig(Section):
     """`r2m-ray eval`, `eval bon`, `eval feedback` and `export`: which trained models or run to use."""
 
@@ -158,6 +182,25 @@ class EvalConfig(Section):
     export_dir: str | None = None
     bon: BestOfNConfig = BestOfNConfig()
     rl_run: str | None = None  # `eval feedback`: a finished RL run directory on the world's prompts
+    decomposition: DecompositionCheckConfig = DecompositionCheckConfig()
+
+
+class ServeAutoscalingConfig(Section):
+    """Ray Serve's replica autoscaling (its AutoscalingConfig): replicas follow the requests in flight."""
+
+    min_replicas: int = Field(default=1, ge=1)
+    max_replicas: int = Field(default=4, ge=1)
+    target_ongoing_requests: float = Field(default=4.0, gt=0)  # per replica
+    upscale_delay_s: float = Field(default=30.0, ge=0)
+    downscale_delay_s: float = Field(default=600.0, ge=0)
+    metrics_interval_s: float = Field(default=10.0, gt=0)
+    look_back_period_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ServeAutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"serve.autoscaling: min_replicas={self.min_replicas} > max_replicas={self.max_replicas}")
+        return self
 
 
 class ServeConfig(Section):
@@ -167,6 +210,7 @@ class ServeConfig(Section):
     port: int = Field(default=8000, ge=1, le=65535)
     token_env: str = "R2M_RAY_SERVE_TOKEN"  # the bearer token is read from this variable, never from a file
     num_replicas: int = Field(default=1, ge=1)
+    autoscaling: ServeAutoscalingConfig | None = None  # set: replicas between its bounds; num_replicas unused
     num_cpus_per_replica: float = Field(default=1.0, gt=0)
     torch_threads: int = Field(default=1, ge=1)
     max_batch_size: int = Field(default=8, ge=1)  # requests merged into one forward batch

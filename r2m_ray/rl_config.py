@@ -6,7 +6,7 @@ paper's settings (K=8, n=64, d=2048, Ω=0.6, α=0.3, lr 1e-6) are one override a
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -138,15 +138,31 @@ class RemoteRewardConfig(Section):
     max_items: int = Field(default=256, ge=1)  # rows per request (also capped by the server's limit)
 
 
+class RewardFunctionConfig(Section):
+    """rl.reward.mode=function: a Python reward function (serving/reward_function.py for its contract)."""
+
+    path: str | None = None  # `package.module:function`, importable where the annotator runs
+    kwargs: dict[str, Any] = {}  # passed to every call (JSON values: they are part of the run's config)
+
+    @model_validator(mode="after")
+    def _import_path(self) -> RewardFunctionConfig:
+        if self.path is not None:
+            module, sep, attr = self.path.partition(":")
+            if not (sep and module and attr):
+                raise ValueError(f"rl.reward.function.path: expected `package.module:function`, got {self.path!r}")
+        return self
+
+
 class RewardConfig(Section):
     """RewardAnnotator ×N over the frozen RM; `r2m` adds policy feedback.
 
     `gold` optimises the world's gold reward itself (an upper bound, world prompts only); the
     frozen RM still scores every sample so its reward is logged beside gold. `remote` asks a
-    served RM (`r2m-ray serve`) instead of loading one: the frozen RM's rewards over HTTP.
+    served RM (`r2m-ray serve`) instead of loading one: the frozen RM's rewards over HTTP. `function`
+    calls a Python reward function (rl.reward.function.path) in the annotator; no RM is loaded.
     """
 
-    mode: Literal["frozen", "r2m", "gold", "remote"] = "r2m"
+    mode: Literal["frozen", "r2m", "gold", "remote", "function"] = "r2m"
     checkpoint: str | None = None  # RM checkpoint dir; default: this run's rm stage
     num_annotators: int = Field(default=1, ge=1)
     num_cpus_per_annotator: float = Field(default=1.0, gt=0)
@@ -156,6 +172,20 @@ class RewardConfig(Section):
     max_restarts: int = Field(default=2, ge=0)  # Ray restarts a dead annotator; the driver restores its head
     r2m: R2MConfig = R2MConfig()
     remote: RemoteRewardConfig = RemoteRewardConfig()
+    function: RewardFunctionConfig = RewardFunctionConfig()
+
+    @model_validator(mode="after")
+    def _function_needs_a_path(self) -> RewardConfig:
+        if self.mode == "function" and self.function.path is None:
+            raise ValueError(
+                "rl.reward.mode=function needs rl.reward.function.path=package.module:function "
+                "(e.g. r2m_ray.world.reward_function:gold)"
+            )
+        return self
+
+    def external(self) -> bool:
+        """The reward comes from outside the run's RM (a server or a function): no RM is loaded."""
+        return self.mode in ("remote", "function")
 
     def remote_url(self) -> str:
         """The server's URL from rl.reward.remote.url or its environment variable, or a clear error."""
@@ -221,6 +251,15 @@ class AsyncConfig(Section):
     behaviour_weight_cap: float = Field(default=2.0, ge=1)
 
 
+class FilterConfig(Section):
+    """DAPO's dynamic sampling (algos/dynamic_sampling.py): groups whose rewards all tie carry no signal."""
+
+    # drop them and refill the step with groups of new prompts (generated, annotated), counted in the metrics
+    zero_variance_groups: bool = False
+    # extra generate rounds per step to refill (DAPO's max_num_gen_batches); then tied groups fill the rest
+    max_refill_rounds: int = Field(default=3, ge=0)
+
+
 class RLConfig(Section):
     """The online stage: T steps of n prompts × K samples."""
 
@@ -259,6 +298,7 @@ class RLConfig(Section):
     placement: PlacementConfig = PlacementConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     async_: AsyncConfig = Field(default_factory=AsyncConfig, alias="async")
+    filter: FilterConfig = FilterConfig()
     # an actor Ray cannot restart in place (a policy rank, the reference, the head learner, or one
     # whose max_restarts are spent) makes the driver restart the stage from the last checkpoint,
     # at most this many times per run
@@ -273,6 +313,11 @@ class RLConfig(Section):
 
     @model_validator(mode="after")
     def _async_needs_a_sampler_to_correct_against(self) -> RLConfig:
+        if self.async_.max_staleness > 0 and self.filter.zero_variance_groups:
+            raise ValueError(
+                "rl.filter.zero_variance_groups refills a step with new generations, which the one-step-off "
+                "loop (rl.async.max_staleness=1) does not schedule: use one or the other"
+            )
         if self.async_.max_staleness > 0:
             ro = self.rollout
             if ro.temperature == 0:

@@ -23,15 +23,29 @@ log = logging.getLogger(__name__)
 INPUTS_FILE = "inputs.json"
 
 
+_DIGESTS: dict[tuple, str] = {}  # this process's digests by (path, each file's size and mtime)
+
+
 def sha256_path(path: Path) -> str:
-    """SHA-256 of a file, or of a directory's (relative path, file digest) list."""
+    """SHA-256 of a file, or of a directory's (relative path, file digest) list.
+
+    A run hashes its inputs when it starts and the RL stage hashes the same checkpoints again for
+    its own checkpoints' manifest: within one process an unchanged path (the same files, sizes and
+    mtimes) is hashed once. Checkpoint verification reads every byte (rl_checkpoint.sha256_file)."""
     path = Path(path)
+    files = [path] if path.is_file() else sorted(q for q in path.rglob("*") if q.is_file())
+    key = (str(path.resolve()), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if key in _DIGESTS:
+        return _DIGESTS[key]
     if path.is_file():
-        return sha256_file(path)
-    digest = hashlib.sha256()
-    for p in sorted(q for q in path.rglob("*") if q.is_file()):
-        digest.update(f"{p.relative_to(path)}\0{sha256_file(p)}\n".encode())
-    return digest.hexdigest()
+        value = sha256_file(path)
+    else:
+        digest = hashlib.sha256()
+        for p in files:
+            digest.update(f"{p.relative_to(path)}\0{sha256_file(p)}\n".encode())
+        value = digest.hexdigest()
+    _DIGESTS[key] = value
+    return value
 
 
 def named_inputs(cfg: RunConfig) -> dict[str, str]:

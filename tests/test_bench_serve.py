@@ -38,3 +38,54 @@ def test_bench_serve_reports_throughput_latency_and_no_wrong_answers(trained, tm
     # 4 clients at once: the replica merged requests (1 ≤ requests per batch ≤ serve.max_batch_size)
     assert report["batches"] > 0 and 1 <= report["requests_per_batch"] <= 8 and report["replicas_seen"] == 1
     assert report["largest_batch_requests"] >= 2
+
+
+def test_a_replica_killed_under_load_is_replaced_and_clients_see_retries_not_wrong_rewards(trained, tmp_path):
+    """2 replicas, 6 clients for 10 s; 3 s in, one replica is killed for good. Serve starts another;
+    the requests it held are retried by the clients, and every answer still equals the reference."""
+    from r2m_ray.serving.bench_serve import bench_serve, serve_replicas
+
+    _, base = trained
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = small_overrides(tmp_path) + [
+        f"eval.checkpoints=[{base / 'checkpoints' / 'rm-0'}]",
+        f"serve.port={port}",
+        "serve.num_replicas=2",
+        "serve.num_cpus_per_replica=0.5",
+        "serve.batch_wait_timeout_s=0.2",  # requests wait in the replica: the kill catches some in flight
+    ]
+    cfg = load_config(ROOT / "jobs" / "quickstart.yaml", overrides)
+    report = bench_serve(cfg, None, str(tmp_path / "bench"), clients=6, seconds=10.0, pool=8, kill_replica_after=3.0)
+    fault = report["replica_killed"]
+    assert fault["replica"] != fault["replacement"] and 0 < fault["replaced_after_seconds"] < 120
+    assert fault["at_seconds"] == pytest.approx(3.0, abs=1.0)
+    assert sum(report["retried_attempts"].values()) >= 1, report  # the clients saw the loss ...
+    assert report["connection_errors"] == 0 and report["status_codes"] == {
+        "200": report["requests"]
+    }  # ... and got through
+    assert report["mismatched_answers"] == 0 and report["requests_ok"] > 0
+    assert serve_replicas() == set()  # the bench stopped Serve: no replica left behind
+
+
+def test_autoscaling_adds_a_replica_under_load(trained, tmp_path):
+    """serve.autoscaling: 1 replica at rest, 6 clients in flight against a target of 1 request per
+    replica: Serve starts the second replica while the load runs, and every answer stays right."""
+    from r2m_ray.serving.bench_serve import bench_serve
+
+    _, base = trained
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = small_overrides(tmp_path) + [
+        f"eval.checkpoints=[{base / 'checkpoints' / 'rm-0'}]",
+        f"serve.port={port}",
+        "serve.num_cpus_per_replica=0.5",
+        "serve.autoscaling={min_replicas: 1, max_replicas: 2, target_ongoing_requests: 1, upscale_delay_s: 0, "
+        "metrics_interval_s: 0.5, look_back_period_s: 1}",
+    ]
+    cfg = load_config(ROOT / "jobs" / "quickstart.yaml", overrides)
+    report = bench_serve(cfg, None, str(tmp_path / "bench"), clients=6, seconds=12.0, pool=8)
+    assert report["replicas_seen"] == 2, report  # the /info of a second replica answered during the run
+    assert report["mismatched_answers"] == 0 and report["status_codes"] == {"200": report["requests"]}

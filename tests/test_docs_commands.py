@@ -184,7 +184,7 @@ def check_r2m_command(argv: list[str], tmp: Path, inline: bool = False) -> str:
             except ConfigError as e:
                 raise ConfigError(f"{ns.args[0]}: variant or reward model {name!r}: {e}") from None
         return "spec"
-    sub = ns.args[:1] if ns.command == "eval" and ns.args[:1] in (["bon"], ["feedback"]) else []
+    sub = ns.args[:1] if ns.command == "eval" and ns.args[:1] in (["bon"], ["feedback"], ["decomposition"]) else []
     if ns.command == "bench" and ns.what == "peer" and ns.args:  # bare `bench peer` in prose: a mention
         assert ns.args[:1] in (["rm"], ["rl"]), "bench peer needs a side: rm or rl"
         sub = ns.args[:1]
@@ -204,8 +204,8 @@ def check_r2m_command(argv: list[str], tmp: Path, inline: bool = False) -> str:
         assert cfg.rl.reward.checkpoint, "rl.reward.checkpoint is not set and no rm stage runs: the rl stage fails"
     if ns.command == "eval" and sub == ["feedback"]:
         assert cfg.eval.rl_run, "eval feedback needs eval.rl_run=RUN_DIR"
-    elif ns.command == "eval" and sub == ["bon"]:
-        assert len(cfg.eval.checkpoints) == 1, "eval bon needs eval.checkpoints=[ONE reward-model dir]"
+    elif ns.command == "eval" and sub in (["bon"], ["decomposition"]):
+        assert len(cfg.eval.checkpoints) == 1, f"eval {sub[0]} needs eval.checkpoints=[ONE reward-model dir]"
     elif ns.command == "eval":
         assert cfg.eval.checkpoints, "eval needs eval.checkpoints=[...]"
     elif ns.command == "serve":
@@ -383,7 +383,7 @@ _REPO_FILES: dict[str, list[Path]] = {}
 # Files a run directory holds, named without their directory.
 RUN_OUTPUTS = set(
     "config.yaml config.json metrics.jsonl summary.json actors.json driver.json manifest.json reward_model.json "
-    "data_split.json run.json inputs.json feedback_analysis.json bon.json".split()
+    "data_split.json run.json inputs.json feedback_analysis.json bon.json decomposition_check.json".split()
 )
 
 

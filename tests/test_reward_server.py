@@ -296,3 +296,42 @@ def test_remote_reward_stops_with_a_clear_error_before_any_actor(server, trained
     monkeypatch.delenv("R2M_RAY_SERVE_TOKEN")
     with pytest.raises(ValueError, match=r"environment variable R2M_RAY_SERVE_TOKEN \(rl.reward.remote.token_env\)"):
         run_pipeline(cfg, run_dir=tmp_path / "no-token")
+
+
+def test_trl_grpo_trains_on_the_served_rm_over_http(server, trained, tmp_path):
+    """A real client: TRL's GRPOTrainer (its own process) with `ServedReward` as its only reward
+    trains 2 steps on world prompts; every reward it got is the checkpoint's own, and the policy moved."""
+    from r2m_ray.actors.reward_annotator import rm_tokenizer_dir
+    from r2m_ray.data.prompts import load_prompts
+    from r2m_ray.data.tokenize import encode_prompt_response
+    from r2m_ray.models.registry import load_tokenizer
+
+    url, ckpt, cfg = server
+    _, base = trained
+    prompts = load_prompts(str(base / "world" / "rl_prompts.jsonl"), cfg.data)["prompt_messages"][:8]
+    spec = {"policy_dir": str(base / "checkpoints" / "sft"), "prompts": prompts, "steps": 2}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "R2M_RAY_REWARD_URL": url, "R2M_RAY_SERVE_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"}
+    script = ROOT / "tests" / "trl_served_grpo.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "spec.json"), str(tmp_path / "out.json")],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    calls = out["calls"]
+    assert len(calls) == 2 and all(len(c["rewards"]) == 4 for c in calls)  # one generation of 2 prompts × 2 per step
+    tok = load_tokenizer(rm_tokenizer_dir(ckpt))
+    max_len = cfg.data.max_length
+    rows = [(p, c) for call in calls for p, c in zip(call["prompts"], call["completions"])]
+    encoded = [encode_prompt_response(tok, p, c, max_len, max_len - 1).input_ids for p, c in rows]
+    got = [r for call in calls for r in call["rewards"]]
+    assert got == pytest.approx(by_hand(ckpt, encoded), abs=1e-5)
+    assert len(set(got)) > 1  # sampled completions differ, so do their rewards
+    logged = [h["reward"] for h in out["log_history"] if "reward" in h]
+    assert logged == pytest.approx([sum(c["rewards"]) / 4 for c in calls], abs=1e-5)  # TRL trained on these
+    assert out["max_weight_change"] > 0

@@ -97,6 +97,51 @@ def test_prioritizer_actor_matches_direct_computation(ray_session, small_cfg, ti
     ray.kill(prio)
 
 
+def test_prioritizer_reference_weights_come_from_the_starting_model(ray_session, small_cfg, tiny_model_dir, train_ds):
+    """weights=reference: w_i = softmax_i(log π_ref(y_c|x_i) + log π_ref(y_r|x_i)) of the model the run
+    started from, not of the refreshed one; Δr2 solves the weighted equation; batch_std priorities."""
+    tok = load_tokenizer(tiny_model_dir)
+    model = RewardModel.from_backbone_dir(tiny_model_dir, value_head="linear", seed=3).eval()
+    with torch.no_grad():  # the "trained" snapshot differs from the start, LM head included
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cfg = small_cfg.model_copy(deep=True)
+    cfg.model.value_head = "linear"
+    cfg.rm.prioritizer.num_prompts = 3
+    cfg.rm.prioritizer.weights = "reference"
+    cfg.rm.prioritizer.normalize = "batch_std"
+    prio = Prioritizer.remote(_cfg_json(cfg), str(tiny_model_dir), tok.pad_token_id, cfg.data.max_length, 0)
+    ray.get(prio.refresh.remote(ray.put({k: v.clone() for k, v in model.state_dict().items()}), 1))
+    rows = train_ds.select(range(8))
+    enc = {
+        c: rows[c] for c in ["chosen_input_ids", "chosen_response_mask", "rejected_input_ids", "rejected_response_mask"]
+    }
+    out = ray.get(prio.score.remote(enc))
+    idx = out["prompt_index"]
+    start = RewardModel.from_backbone_dir(tiny_model_dir).eval()
+    d, logp = torch.zeros(8, 3), torch.zeros(8, 3, 2)
+    with torch.no_grad():
+        for k in range(8):
+            _, yc = split_prompt_response(enc["chosen_input_ids"][k], enc["chosen_response_mask"][k])
+            _, yr = split_prompt_response(enc["rejected_input_ids"][k], enc["rejected_response_mask"][k])
+            for j, i in enumerate(idx[k].tolist()):
+                x, _ = split_prompt_response(enc["chosen_input_ids"][i], enc["chosen_response_mask"][i])
+                for side, y in enumerate((yc, yr)):
+                    ids = torch.tensor([x + y])
+                    attn = torch.ones_like(ids)
+                    mask = torch.tensor([[0] * len(x) + [1] * len(y)])
+                    logp[k, j, side] = start(ids, attn, response_mask=mask).seq_logps[0]
+                    r = model(ids, attn).rewards[0]
+                    d[k, j] += r if side == 0 else -r
+    w = torch.softmax(logp.sum(-1).double(), dim=1)
+    assert torch.allclose(out["weights"].double(), w, atol=1e-4)
+    assert not torch.allclose(w, torch.full_like(w, 1 / 3), atol=1e-2)  # not uniform: the weights matter here
+    expected = prompt_free_gap(d, w)
+    assert torch.allclose(out["delta_r2"], expected, atol=2e-4)
+    assert torch.allclose(out["priorities"], priorities(expected, 1.0, "batch_std"), atol=1e-3)
+    ray.kill(prio)
+
+
 def test_reference_logprobs_computed_once_and_correct(ray_session, tiny_model_dir, train_ds, tmp_path):
     from r2m_ray.pipelines.rm_stage import add_reference_logprobs
 

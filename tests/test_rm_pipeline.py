@@ -114,6 +114,33 @@ def test_grm_dpo_prioritized_resample_ensemble(ray_session, tmp_path):
         assert s["accuracy"][name] == pytest.approx(acc, abs=tol)
 
 
+def test_prioritizer_warmup_reference_weights_and_truth_in_the_summary(ray_session, tmp_path):
+    """No prioritiser scores during the warm-up; after it, reference importance weights and each
+    batch's Δr2 correlation with the world's exact truth are logged and averaged into the summary."""
+    cfg = _cfg(
+        tmp_path,
+        "stages=[world, rm]",
+        "rm.prioritizer.enabled=true",
+        "rm.prioritizer.warmup_steps=4",
+        "rm.prioritizer.weights=reference",
+        "rm.prioritizer.normalize=batch_std",
+        "rm.max_steps=10",
+        "rm.log_every=1",
+    )
+    run = run_pipeline(cfg, run_dir=tmp_path / "warm")
+    s = json.loads((run.path / "summary.json").read_text())
+    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["stage"] == "rm/member0"]
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    assert not any("delta_r2_mean" in r for r in rows[:4])  # warm-up: uniform weights, nothing asked
+    assert all("delta_r2_mean" in r and 0 < r["importance_weight_own"] < 1 for r in rows[4:])
+    v = s["delta_r2_validation"]
+    assert v["steps"] == 6
+    for key in ("delta_r2_corr_free_gold", "delta_r2_corr_feature"):
+        assert v[key] == pytest.approx(sum(r[key] for r in rows[4:]) / 6)
+        assert all(-1 <= r[key] <= 1 for r in rows[4:])
+
+
 def test_sft_stage_improves_gold_reward(tmp_path):
     cfg = _cfg(tmp_path, "stages=[world, sft]", "sft.epochs=2")
     run = run_pipeline(cfg, run_dir=tmp_path / "sft")

@@ -120,3 +120,25 @@ def test_resume_refuses_an_input_changed_at_the_same_path(tmp_path):
     with pytest.raises(ConfigError, match=r"input data\.prompts .* is gone"):
         check_inputs(cfg, run)
     run.close()
+
+
+def test_an_unchanged_input_is_hashed_once_per_process_and_a_changed_one_again(tmp_path, monkeypatch):
+    import hashlib
+
+    from r2m_ray import run_inputs
+
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "sub").mkdir(parents=True)
+    (ckpt / "a.bin").write_bytes(b"weights")
+    (ckpt / "sub" / "b.json").write_text("{}")
+    reads = []
+    real = run_inputs.sha256_file
+    monkeypatch.setattr(run_inputs, "sha256_file", lambda p: reads.append(p) or real(p))
+    first = run_inputs.sha256_path(ckpt)
+    want = hashlib.sha256(
+        f"a.bin\0{hashlib.sha256(b'weights').hexdigest()}\nsub/b.json\0{hashlib.sha256(b'{}').hexdigest()}\n".encode()
+    ).hexdigest()
+    assert first == want and len(reads) == 2
+    assert run_inputs.sha256_path(ckpt) == first and len(reads) == 2  # the second start-up hash is free
+    (ckpt / "a.bin").write_bytes(b"other!!")  # same size, new content and mtime: hashed again
+    assert run_inputs.sha256_path(ckpt) != first and len(reads) == 4

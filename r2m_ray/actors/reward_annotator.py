@@ -13,6 +13,7 @@ because the backbone never changes — and scores:
   - `iterative`:       ω forced to 1 (no feedback); φ is still trained by the head learner
 - mode `remote`:       r = the frozen RM of an `r2m-ray serve` server (serving/reward_client.py);
   no RM is loaded here, and there is no RTE and no head
+- mode `function`:     r = a Python reward function (serving/reward_function.py), run here; no RM
 
 Head weights arrive from the RewardHeadLearner through `load_head` (an ObjectRef the driver passes).
 """
@@ -78,12 +79,17 @@ class RewardAnnotator:
         self.cache_size, self.version = cache_size, 0
         self.detector: PrototypeDetector | None = None  # the reward-hacking monitor (fit_detector)
         self.stats = {"hits": 0, "misses": 0, "evictions": 0}
-        self.remote = None
+        self.external: Any = None  # the reward from outside: a server (remote) or a function
         if self.cfg.mode == "remote":
             from r2m_ray.serving.reward_client import RemoteReward
 
             r = self.cfg.remote
-            self.remote = RemoteReward(self.cfg.remote_url(), remote_token or "", r.timeout_s, r.retries, r.max_items)
+            self.external = RemoteReward(self.cfg.remote_url(), remote_token or "", r.timeout_s, r.retries, r.max_items)
+            return
+        if self.cfg.mode == "function":
+            from r2m_ray.serving.reward_function import FunctionReward
+
+            self.external = FunctionReward(self.cfg.function.path or "", self.cfg.function.kwargs)
             return
         ckpt = Path(rm_checkpoint)
         self.device = actor_device()
@@ -179,14 +185,29 @@ class RewardAnnotator:
         h, mask = fetch_feedback(hidden_refs, rte.shape[0], seed)
         return self.head(rte, h.to(self.device), mask.to(self.device), w).cpu(), w
 
+    def _external(
+        self, prompt_messages: list, responses: list[str], columns: dict[str, list] | None = None, t: int | None = None
+    ) -> Tensor:
+        """Rewards from the server or the function (only a function takes the prompt set's columns)."""
+        if self.cfg.mode == "function":
+            return self.external.score(prompt_messages, responses, columns, t)
+        return self.external.score(prompt_messages, responses)
+
     def annotate(
-        self, prompt_messages: list[list[dict]], responses: list[str], hidden_refs: list | None, t: int, T: int
+        self,
+        prompt_messages: list[list[dict]],
+        responses: list[str],
+        hidden_refs: list | None,
+        t: int,
+        T: int,
+        columns: dict[str, list] | None = None,
     ) -> dict[str, Any]:
         """Rewards for one RL step's rows → {"rewards" [B], "frozen_rewards" [B], "rte" [B, D_rm], "omega", ...}.
 
         `hidden_refs`: refs of {"hidden": [b, S, D_p], "mask": [b, S]} in row order (required in
         `r2m` mode unless `iterative`; ignored in `frozen` mode). `rte` goes to the head learner.
         `frozen_rewards` is the frozen RM's own reward of the same rows, whatever the mode.
+        `columns`: the prompt set's own columns per row, for a reward function (mode `function`).
         """
         needs_feedback = self.cfg.mode == "r2m" and not self.cfg.r2m.iterative
         if needs_feedback and hidden_refs is None:
@@ -196,9 +217,9 @@ class RewardAnnotator:
             )
         if hidden_refs is not None:  # fetched once: scoring and the hacking monitor both read them
             hidden_refs = [ray.get(x) if isinstance(x, ray.ObjectRef) else x for x in hidden_refs]
-        if self.remote is not None:  # the server's rewards are the frozen RM's; no RTE, no head
+        if self.external is not None:  # the server's (or function's) rewards are the "frozen RM's"; no RTE, no head
             rte, hits, computed = None, 0, 0
-            rewards, w = self.remote.score(prompt_messages, responses), 1.0
+            rewards, w = self._external(prompt_messages, responses, columns, t), 1.0
             frozen = rewards
         else:
             rte, hits, computed = self._rte(prompt_messages, responses)
@@ -225,8 +246,8 @@ class RewardAnnotator:
 
     def frozen_rm_rewards(self, prompt_messages: list[list[dict]], responses: list[str]) -> Tensor:
         """The frozen RM's own rewards [B] (whatever the mode), through the same RTE cache."""
-        if self.remote is not None:
-            return self.remote.score(prompt_messages, responses)
+        if self.external is not None:
+            return self._external(prompt_messages, responses)
         rte, _, _ = self._rte(prompt_messages, responses)
         with torch.no_grad():
             return self.rm.score_hidden(rte.to(self.device)).cpu()
@@ -250,8 +271,8 @@ class RewardAnnotator:
             raise ValueError(f"pairwise_accuracy: {n} prompts, {len(chosen)} chosen, {len(rejected)} rejected")
         if n == 0:
             raise ValueError("pairwise_accuracy: no pairs")
-        if self.remote is not None:
-            rewards = self.remote.score(list(prompt_messages) * 2, list(chosen) + list(rejected))
+        if self.external is not None:
+            rewards = self._external(list(prompt_messages) * 2, list(chosen) + list(rejected))
         else:
             rte, _, _ = self._rte(list(prompt_messages) * 2, list(chosen) + list(rejected))
             rewards, _ = self._score(rte, hidden_refs, t, T)
@@ -314,9 +335,12 @@ class RewardAnnotator:
 
     def frozen_rm_digest(self) -> str:
         """sha256 over the frozen RM's full state (backbone + value head): proof nothing trained it.
-        Remote: the served checkpoints' file digests, as the server reports them."""
-        if self.remote is not None:
-            return "remote:" + self.remote.digest()
+        Remote: the served checkpoints' file digests, as the server reports them; function: its path,
+        source file and kwargs."""
+        if self.cfg.mode == "function":
+            return self.external.digest()
+        if self.external is not None:
+            return "remote:" + self.external.digest()
         digest = hashlib.sha256()
         for name, tensor in sorted(self.rm.state_dict().items()):
             digest.update(name.encode())
@@ -325,7 +349,7 @@ class RewardAnnotator:
 
     def cache_info(self) -> dict[str, int]:
         """RTE cache size, cap and lifetime hits / misses / evictions."""
-        remote = self.remote.stats if self.remote is not None else {}
+        remote = self.external.stats if self.external is not None else {}
         return {
             "size": len(self.cache),
             "cap": self.cache_size,

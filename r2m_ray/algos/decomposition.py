@@ -17,6 +17,9 @@ is OUR RECONSTRUCTION (ALGORITHMS.md §2):
 - Priority p_k = N · softmax_k(−Δr2_k / τ) over a batch of N pairs (mean 1): pairs whose
   chosen response is NOT already preferred regardless of the prompt get more weight,
   either as BT loss weights (``reweight``) or as sampling probabilities (``resample``).
+  OUR OPTION ``normalize="batch_std"``: p_k = N · softmax_k(−Δr2_k / (s·τ)), s the batch's
+  standard deviation of Δr2, so the sharpness no longer grows with the reward scale as the
+  model trains (the paper does not say how Δr2 is scaled before τ).
 """
 
 from __future__ import annotations
@@ -113,12 +116,24 @@ def importance_weights(logp_c: Tensor, logp_r: Tensor) -> Tensor:
     return torch.softmax(joint, dim=1).to(logp_c.dtype)
 
 
-def priorities(delta_r2: Tensor, tau: float = 1.0) -> Tensor:
-    """Per-pair priorities p = N · softmax(−Δr2 / τ) over the batch [N] (mean 1; small gap → high priority)."""
+def priorities(delta_r2: Tensor, tau: float = 1.0, normalize: str = "none") -> Tensor:
+    """Per-pair priorities p = N · softmax(−Δr2 / τ) over the batch [N] (mean 1; small gap → high priority).
+
+    ``normalize="batch_std"`` divides Δr2 by its batch standard deviation first (a batch whose gaps
+    all tie, or a batch of one pair, gets uniform priorities)."""
     if delta_r2.dim() != 1 or delta_r2.numel() == 0:
         raise ValueError(f"delta_r2 must be a non-empty 1-D [N] tensor, got shape {tuple(delta_r2.shape)}")
     if tau <= 0:
         raise ValueError(f"tau must be positive, got {tau}")
+    if normalize == "batch_std":
+        if delta_r2.numel() < 2:
+            return torch.ones_like(delta_r2)
+        scale = delta_r2.std()
+        if not scale > 1e-12:  # every gap equal: no pair stands out
+            return torch.ones_like(delta_r2)
+        delta_r2 = delta_r2 / scale
+    elif normalize != "none":
+        raise ValueError(f"normalize must be 'none' or 'batch_std', got {normalize!r}")
     return delta_r2.numel() * torch.softmax(-delta_r2 / tau, dim=0)
 
 

@@ -198,3 +198,10 @@ def clipped_policy_loss(
             "ratio_mean": float(masked_mean(ratio, mask)),
         }
     return loss, stats
+
+
+def group_advantages(rewards: Tensor, k: int, algo: str) -> Tensor:
+    """Per-sequence advantages [B] from rewards [B] grouped K per prompt (`algo`: grpo or rloo)."""
+    grouped = rewards.view(-1, k)
+    adv = grpo_advantages(grouped) if algo == "grpo" else rloo_advantages(grouped)
+    return adv.reshape(-1)

@@ -115,6 +115,24 @@ def results_table(rows: dict[str, list[dict[str, Any]]], reference: str | None =
             f"{_fmt(get(runs, 'gold_accuracy', 'id'))} | {_fmt(get(runs, 'gold_accuracy', 'ood'))} | "
             f"{seconds(runs)} | {len(runs)} |"
         )
+    validated = {n: [r["delta_r2_validation"] for r in runs if "delta_r2_validation" in r] for n, runs in rows.items()}
+    if any(validated.values()):  # the prioritiser's Δr2 against the world's truth, during training
+        lines += [
+            "",
+            "Prioritised variants: Pearson correlation of each batch's Δr2 with the world's exact prompt-free "
+            "gold gap and with the planted feature gap, averaged over the prioritised steps; mean ± std over seeds",
+            "",
+            "| method | Δr2 ~ prompt-free gold gap | Δr2 ~ planted feature gap |",
+            "|---|---|---|",
+        ]
+        for name, vals in validated.items():
+            if vals:
+                cells = []
+                for key in ("delta_r2_corr_free_gold", "delta_r2_corr_feature"):
+                    xs = [v[key] for v in vals]
+                    std = statistics.stdev(xs) if len(xs) > 1 else 0.0
+                    cells.append(f"{statistics.fmean(xs):+.2f} ± {std:.2f}")
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
     ref = reference or next(iter(rows))
     others = [name for name in rows if name != ref]
     if not others or len(rows[ref]) < 2:

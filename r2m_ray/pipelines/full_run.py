@@ -144,7 +144,7 @@ def _run_stages(cfg: RunConfig, run: RunDir, stages: list[str], done: dict[str, 
         from r2m_ray.pipelines.rl_stage import run_rl_stage
 
         rm_ckpt = Path(cfg.rl.reward.checkpoint) if cfg.rl.reward.checkpoint else rm_ckpt
-        if rm_ckpt is None and cfg.rl.reward.mode != "remote":  # remote: the RM is a server's
+        if rm_ckpt is None and not cfg.rl.reward.external():  # a server's RM or a reward function
             raise ValueError("rl.reward.checkpoint is not set and no rm stage ran in this run")
         init_ray(cfg.ray)
         run_rl_stage(cfg, run, policy_dir, rm_ckpt, world_paths, resume=resume)

@@ -168,7 +168,7 @@ def preflight_rl(cfg: RunConfig, policy_dir: Path | None, rm_ckpt: Path | None) 
         longest = cfg.data.max_prompt_length + cfg.rl.rollout.max_new_tokens
         what = "data.max_prompt_length + rl.rollout.max_new_tokens"
         check_sequence_fits(policy_dir, longest, key, what)
-    if rm_ckpt is not None:
+    if rm_ckpt is not None and not cfg.rl.reward.external():  # remote / function: no RM is read
         key = "rl.reward.checkpoint" if cfg.rl.reward.checkpoint else "reward model"
         check_reward_checkpoint(rm_ckpt, key)
         check_sequence_fits(reward_backbone(Path(rm_ckpt), key), cfg.data.max_length, key, "data.max_length")

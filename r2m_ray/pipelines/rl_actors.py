@@ -31,6 +31,7 @@ from r2m_ray.actors.reference import ReferenceActor
 from r2m_ray.actors.reward_annotator import RewardAnnotator
 from r2m_ray.actors.reward_head_learner import RewardHeadLearner
 from r2m_ray.actors.rollout import RolloutActor
+from r2m_ray.algos.policy_loss import behaviour_weights
 from r2m_ray.atomic_write import atomic_write_text
 from r2m_ray.config import RunConfig
 from r2m_ray.data.collate import pad_ids
@@ -364,6 +365,33 @@ class RLActors:
                 )
             except ACTOR_LOST as err:
                 self.recover_annotator(err)
+
+    def experience(self, samples: dict[str, list], t: int, pad_id: int) -> tuple:
+        """Step t's experience of the samples: the policy's forward (old log-probs, h as refs, and the
+        behaviour weights of stale rows) ‖ the reference's log-probs
+        → (batch, old_logp, ref_logp, hidden_refs, async_stats)."""
+        rl, learner = self.rl, self.learner
+        assert learner is not None
+        batch = sequence_batch(samples["prompt_ids"], samples["response_ids"], pad_id)
+        ref_logp_ref = self.reference.token_logprobs.remote(
+            batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+        )
+        stale, staleness = stale_rows(samples["weights_version"], self.policy_version, rl.async_.max_staleness, t)
+        temperature = rl.rollout.temperature if bool(stale.any()) else None  # π_{t,τ} for the behaviour weights
+        exp = get_all(learner.experience_async(batch, temperature), "policy learner (experience)", rl.wait_timeout_s)
+        old_logp = torch.cat([e["old_logp"] for e in exp])
+        async_stats = {"staleness": staleness, "stale_fraction": float(stale.float().mean())}
+        if temperature is not None:
+            batch["behaviour_weight"], weight_stats = behaviour_weights(
+                torch.cat([e["sampler_logp"] for e in exp]),
+                behaviour_logp_batch(samples["prompt_ids"], samples["response_logprobs"]),
+                batch["response_mask"],
+                stale,
+                rl.async_.behaviour_weight_cap,
+            )
+            async_stats.update(weight_stats)
+        ref_logp = get_one(ref_logp_ref, "reference actor", rl.wait_timeout_s)
+        return batch, old_logp, ref_logp, [e["hidden_ref"] for e in exp], async_stats
 
     def sync_weights(self, version: int) -> None:
         """Policy weights → every engine: one broadcast (collective) or one put + a reload per engine."""

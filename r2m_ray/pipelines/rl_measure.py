@@ -175,3 +175,18 @@ def heldout_gold(actors: Any, prompts: Dataset, cfg: RunConfig) -> list[list[flo
     texts = [prompts["prompt_messages"][i][-1]["content"] for i in out["prompt_index"]]
     gold = gold_rewards(texts, out["text"], cfg.world)
     return [gold[i : i + K] for i in range(0, len(gold), K)]
+
+
+def plot_gold_vs_proxy(history: list[dict[str, Any]], plots: Path) -> None:
+    """Optimised reward, frozen RM reward and gold against the step and against √(sequence KL)."""
+    from r2m_ray.eval.plots import plot_curve
+
+    steps = [h["step"] for h in history]  # skipped steps have no metrics to plot
+    curves = {
+        "optimised reward": [h["proxy_reward"] for h in history],
+        "frozen RM reward": [h["frozen_rm_reward"] for h in history],
+        "gold": [h["gold_reward"] for h in history],
+    }
+    plot_curve(steps, curves, plots / "rl_gold_vs_proxy_step.png", "gold vs proxy reward", "RL step")
+    sqrt_kl = [max(h["kl_seq"], 0.0) ** 0.5 for h in history]
+    plot_curve(sqrt_kl, curves, plots / "rl_gold_vs_proxy_kl.png", "gold vs proxy reward", "√(sequence KL)")

@@ -25,14 +25,15 @@ samples by min(π_{t,τ}/μ, C) (algos/policy_loss.py); the experience forward, 
 feedback h, is the current policy's. Each step logs the staleness the engines report.
 
 rl.reward.mode: `frozen` (the RM), `r2m` (the RM + the R2M head on policy feedback), `gold`
-(the world's gold reward: the upper bound). rl.reward.r2m.labels=oracle picks GREBT's
-winner/loser by gold instead of by the annotation-time rewards.
+(the world's gold reward: the upper bound), `remote` (a served RM), `function` (a Python function).
+rl.reward.r2m.labels=oracle picks GREBT's winner/loser by gold instead of the annotation-time rewards.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +42,13 @@ from datasets import Dataset
 
 from r2m_ray.actors.policy_learner import PolicyLearnerGroup
 from r2m_ray.actors.reward_head_learner import self_labelled_groups
-from r2m_ray.algos.policy_loss import behaviour_weights, grpo_advantages, rloo_advantages
+from r2m_ray.algos.policy_loss import group_advantages
 from r2m_ray.atomic_write import atomic_write_text
 from r2m_ray.config import RunConfig
 from r2m_ray.data.tokenize import load_prompts, tokenize_prompts
-from r2m_ray.eval.plots import plot_curve
 from r2m_ray.eval.rl_metrics import label_accuracy, sequence_kl
 from r2m_ray.models.registry import hidden_size, load_tokenizer
+from r2m_ray.pipelines.group_filter import Draw, fill_informative, filter_totals
 from r2m_ray.pipelines.preflight import preflight_rl
 from r2m_ray.pipelines.rl_actors import (
     ACTOR_LOST,
@@ -55,12 +56,10 @@ from r2m_ray.pipelines.rl_actors import (
     ActorLost,
     PendingGenerate,
     RLActors,
-    behaviour_logp_batch,
     collect_generate,
     get_all,
     get_one,
     sequence_batch,
-    stale_rows,
     submit_generate,
 )
 from r2m_ray.pipelines.rl_measure import (
@@ -70,6 +69,7 @@ from r2m_ray.pipelines.rl_measure import (
     gold_step_metrics,
     heldout_gold,
     optimal_rows,
+    plot_gold_vs_proxy,
     split_eval_data,
     win_rate,
 )
@@ -78,17 +78,11 @@ from r2m_ray.ray_setup import check_demands
 from r2m_ray.rl_checkpoint import CheckpointStore, DriverState
 from r2m_ray.run_inputs import sha256_path
 from r2m_ray.rundir import RunDir
-from r2m_ray.serving.reward_client import served_reward_digest
+from r2m_ray.serving.reward_function import reward_digest, reward_source, row_columns
+from r2m_ray.world.gold import gold_rewards
 
 log = logging.getLogger(__name__)
 PHASES = ("generate", "experience", "annotate", "policy", "sync", "head", "eval")
-
-
-def advantages(rewards: torch.Tensor, k: int, algo: str) -> torch.Tensor:
-    """Per-sequence advantages from rewards grouped K per prompt."""
-    grouped = rewards.view(-1, k)
-    adv = grpo_advantages(grouped) if algo == "grpo" else rloo_advantages(grouped)
-    return adv.reshape(-1)
 
 
 def run_rl_stage(
@@ -106,8 +100,8 @@ def run_rl_stage(
     rl.max_stage_restarts times.
     """
     rl = cfg.rl
-    remote = rl.reward.mode == "remote"  # the RM is a server's: no checkpoint here
-    rm_ckpt = None if remote else rm_ckpt
+    external = rl.reward.external()  # a server's RM or a reward function: no checkpoint here
+    rm_ckpt = None if external else rm_ckpt
     preflight_rl(cfg, policy_dir, rm_ckpt)  # before any actor: a bad model fails here, by name
     tokenizer = load_tokenizer(policy_dir)
     pad_id = tokenizer.pad_token_id
@@ -124,7 +118,7 @@ def run_rl_stage(
     check_demands("rl", role_demands(rl))  # every role, alone on a node and all together: no actor waits forever
     d_policy = hidden_size(policy_dir)
     # the starting policy and RM are hashed once; a resume refuses them if they changed at the same path
-    rm_digest = served_reward_digest(rl.reward) if remote else sha256_path(rm_ckpt)  # remote: reachable, or stop
+    rm_digest = reward_digest(rl.reward, rm_ckpt)
     inputs = {"policy checkpoint": sha256_path(policy_dir), "reward-model checkpoint": rm_digest}
     store = CheckpointStore(
         Path(rl.checkpoint.dir or run.path / "checkpoints" / "rl"), rl.checkpoint.keep_last, run.run_id, inputs
@@ -189,21 +183,12 @@ def run_rl_stage(
     if not history:
         raise FloatingPointError(f"rl stage: every one of the {rl.steps} steps was skipped ({state.skipped})")
     if cfg.data.prompts is None:  # gold rewards exist for the world's prompts only
-        steps = [h["step"] for h in history]  # skipped steps have no metrics to plot
-        curves = {
-            "optimised reward": [h["proxy_reward"] for h in history],
-            "frozen RM reward": [h["frozen_rm_reward"] for h in history],
-            "gold": [h["gold_reward"] for h in history],
-        }
-        plots = run.path / "plots"
-        plot_curve(steps, curves, plots / "rl_gold_vs_proxy_step.png", "gold vs proxy reward", "RL step")
-        sqrt_kl = [max(h["kl_seq"], 0.0) ** 0.5 for h in history]
-        plot_curve(sqrt_kl, curves, plots / "rl_gold_vs_proxy_kl.png", "gold vs proxy reward", "√(sequence KL)")
+        plot_gold_vs_proxy(history, run.path / "plots")
     summary = {
         "mode": rl.reward.mode,
         "algo": rl.policy.algo,
         "policy_start": str(policy_dir),  # what the run started from (eval feedback reads them back)
-        "reward_checkpoint": rl.reward.remote_url() if remote else str(rm_ckpt),
+        "reward_checkpoint": reward_source(rl.reward, rm_ckpt),
         "steps": rl.steps,
         "max_staleness": rl.async_.max_staleness,
         "gold_reward": {"initial": history[0].get("gold_reward"), "final": history[-1].get("gold_reward")},
@@ -221,6 +206,7 @@ def run_rl_stage(
         "startup_seconds": state.startup_seconds,
         "checkpoint_seconds": state.checkpoint_seconds,
         "skipped": state.skipped,
+        "filter": filter_totals(history) if rl.filter.zero_variance_groups else None,
         "actor_restarts": restarts,
         "stage_restarts": stage_restarts,
         "resumed_from_step": resumed_from,
@@ -368,6 +354,38 @@ def train_steps(
     def collect(pending: PendingGenerate) -> dict[str, list]:
         return collect_generate(pending, actors.rollouts, cfg, actors.recover_rollout)
 
+    def annotate(rows: Dataset, samples: dict[str, list], hidden_refs: list, t: int) -> Draw:
+        """The annotator's rewards of the samples; the reward optimised is gold itself in mode `gold`."""
+        msgs = [rows["prompt_messages"][i] for i in samples["prompt_index"]]
+        feedback_refs = hidden_refs if mode == "r2m" or monitor else None
+        columns = row_columns(rows, samples["prompt_index"]) if mode == "function" else None
+        ann = actors.annotator_call("annotate", msgs, samples["text"], feedback_refs, t, T, columns)
+        rewards = ann["rewards"]
+        if mode == "gold":
+            texts = [m[-1]["content"] for m in msgs]
+            rewards = torch.tensor(gold_rewards(texts, samples["text"], cfg.world), dtype=torch.float64).float()
+        return Draw(rows, samples, ann, rewards)
+
+    def draw_more(t: int, r: int, n: int, phase: dict[str, float]) -> Draw:
+        """Refill round r of step t: n prompts drawn (a function of t and r, so a resume repeats them),
+        generated, experienced and annotated on the current weights."""
+        pick = torch.Generator().manual_seed(seed * 1_000_003 + t * 1_009 + r)
+        more = prompts.select(torch.randperm(len(prompts), generator=pick)[:n].tolist())
+        tick = time.perf_counter()
+        weights = (actors.latest["version"], actors.latest["ref"])
+        pending = submit_generate(
+            actors.rollouts, more["prompt_input_ids"], cfg, t + r * 1_000_000, actors.pids["rollout"], weights
+        )
+        samples = collect(pending)
+        phase["generate"] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        _, _, _, hidden_refs, _ = actors.experience(samples, t, pad_id)
+        phase["experience"] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        out = annotate(more, samples, hidden_refs, t)
+        phase["annotate"] += time.perf_counter() - tick
+        return out
+
     if async_rollout and rl.rollout.weight_sync == "object_store" and actors.latest["ref"] is None:
         # the starting weights as an object: a restarted engine may have to regenerate with them
         actors.latest.update(ref=learner.state_dict_ref(), version=actors.policy_version)
@@ -392,51 +410,42 @@ def train_steps(
             finish_step(*unfinished)
             unfinished = None
         tick = time.perf_counter()
+        # 2. experience: one policy forward (old log-probs + h as refs) ‖ reference log-probs
+        batch, old_logp, ref_logp, hidden_refs, async_stats = actors.experience(samples, t, pad_id)
+        phase["experience"], tick = time.perf_counter() - tick, time.perf_counter()
+        # 3. annotate (the annotator runs the previous step's load_head first: actor calls keep order)
+        draw = annotate(rows, samples, hidden_refs, t)
+        phase["annotate"] = time.perf_counter() - tick
+        filter_stats = None
+        if rl.filter.zero_variance_groups and not draw.ann["nonfinite"]:
+            # DAPO: tied groups out, groups of new prompts in; their time is added to each phase
+            n_rounds = rl.filter.max_refill_rounds
+            draw, filter_stats = fill_informative(draw, K, len(idx), n_rounds, partial(draw_more, t, phase=phase))
+            if filter_stats["tied_groups"]:  # a new batch: its own forward, as the policy trains on it
+                tick = time.perf_counter()
+                batch, old_logp, ref_logp, hidden_refs, async_stats = actors.experience(draw.samples, t, pad_id)
+                phase["experience"] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        rows, samples, ann, rewards = draw.rows, draw.samples, draw.ann, draw.rewards
         msgs = [rows["prompt_messages"][i] for i in samples["prompt_index"]]
-        batch = sequence_batch(samples["prompt_ids"], samples["response_ids"], pad_id)
         n_tokens = int(batch["response_mask"].sum())
         state.tokens_total += n_tokens
-        # 2. experience: one policy forward (old log-probs + h as refs) ‖ reference log-probs
-        ref_logp_ref = reference.token_logprobs.remote(
-            batch["input_ids"], batch["attention_mask"], batch["response_mask"]
-        )
-        stale, staleness = stale_rows(samples["weights_version"], actors.policy_version, rl.async_.max_staleness, t)
-        temperature = rl.rollout.temperature if bool(stale.any()) else None  # π_{t,τ} for the behaviour weights
-        exp = get_all(learner.experience_async(batch, temperature), "policy learner (experience)", rl.wait_timeout_s)
-        old_logp = torch.cat([e["old_logp"] for e in exp])
-        async_stats = {"staleness": staleness, "stale_fraction": float(stale.float().mean())}
-        if temperature is not None:
-            batch["behaviour_weight"], weight_stats = behaviour_weights(
-                torch.cat([e["sampler_logp"] for e in exp]),
-                behaviour_logp_batch(samples["prompt_ids"], samples["response_logprobs"]),
-                batch["response_mask"],
-                stale,
-                rl.async_.behaviour_weight_cap,
-            )
-            async_stats.update(weight_stats)
-        hidden_refs = [e["hidden_ref"] for e in exp]
-        ref_logp = get_one(ref_logp_ref, "reference actor", rl.wait_timeout_s)
-        phase["experience"], tick = time.perf_counter() - tick, time.perf_counter()
-        # 3. annotate (the annotator runs the previous step's load_head first: actor calls keep order);
-        # with gold, the frozen RM also scores each prompt's gold-optimal answers (the hacking line)
-        feedback_refs = hidden_refs if mode == "r2m" or monitor else None
-        ann = actors.annotator_call("annotate", msgs, samples["text"], feedback_refs, t, T)
         texts = [m[-1]["content"] for m in msgs]
-        if has_gold:
+        if has_gold:  # the frozen RM also scores each prompt's gold-optimal answers (the hacking line)
             owners, opt_msgs, opt_texts = optimal_rows(rows["prompt"], cfg)
             opt_rewards = actors.annotator_call("frozen_rm_rewards", opt_msgs, opt_texts)
-            best = best_per_owner(opt_rewards, owners, len(idx))[torch.tensor(samples["prompt_index"])]
+            best = best_per_owner(opt_rewards, owners, len(rows))[torch.tensor(samples["prompt_index"])]
             gold, hacked, gold_metrics = gold_step_metrics(
                 texts, samples["text"], None if mode == "gold" else ann["rewards"], ann["frozen_rewards"], best, K, cfg
             )
-        rewards = gold.float() if mode == "gold" else ann["rewards"]
-        phase["annotate"], tick = time.perf_counter() - tick, time.perf_counter()
+        phase["annotate"] += time.perf_counter() - tick
+        tick = time.perf_counter()
         if ann["nonfinite"]:  # nothing is learned from this batch: no policy, head or weight update
             detail = f"{ann['nonfinite']}/{len(rewards)} rewards are NaN/inf (rows {ann['nonfinite_rows']})"
             skip_step(t, "nonfinite_rewards", detail, phase)
             continue
         # 4-5. advantages and k policy epochs (the last refreshes h → h')
-        batch.update(advantages=advantages(rewards, K, rl.policy.algo), old_logp=old_logp, ref_logp=ref_logp)
+        batch.update(advantages=group_advantages(rewards, K, rl.policy.algo), old_logp=old_logp, ref_logp=ref_logp)
         per_rank = get_all(learner.train_async(batch, rl.policy.epochs), "policy learner (train)", rl.wait_timeout_s)
         new_hidden_refs = [s.pop("hidden_ref") for s in per_rank]
         policy_stats = PolicyLearnerGroup.reduce_metrics(per_rank)
@@ -482,6 +491,8 @@ def train_steps(
             "policy": policy_stats,
             **async_stats,
         }
+        if filter_stats is not None:
+            metrics["filter"] = filter_stats
         if has_gold:
             metrics.update(gold_metrics)
         if ann["hacking_flags"] is not None:

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 from datasets import Dataset
@@ -37,6 +38,7 @@ from r2m_ray.config import RMConfig, RunConfig
 from r2m_ray.data.preference import load_preferences
 from r2m_ray.data.split import hashed_split
 from r2m_ray.data.tokenize import PreferenceCollator, tokenize_preferences
+from r2m_ray.eval.decomposition_check import truth_correlations
 from r2m_ray.eval.plots import plot_rm_training
 from r2m_ray.eval.rm_accuracy import accuracy_report, score_pairs
 from r2m_ray.models.registry import load_tokenizer
@@ -46,6 +48,8 @@ from r2m_ray.pipelines.waits import ActorLost, get_all, get_one
 from r2m_ray.ray_setup import check_demands, init_ray
 from r2m_ray.run_inputs import sha256_path
 from r2m_ray.rundir import RunDir
+from r2m_ray.world.config import WorldConfig
+from r2m_ray.world.prompt_free_truth import pair_truth
 
 log = logging.getLogger(__name__)
 # a member's attempt is lost (and trained again) when an actor dies, hangs past its deadline or
@@ -54,9 +58,25 @@ MEMBER_LOST = (ActorLost, LearnerHung, ray.exceptions.RayActorError, ray.excepti
 ENCODED = ["chosen_input_ids", "chosen_response_mask", "rejected_input_ids", "rejected_response_mask"]
 
 
-def load_split(source: str, cfg: RunConfig, split: str, tokenizer: Any, run: RunDir) -> Dataset:
-    """Load + tokenise one preference source; its skip report goes to the summary."""
+TRUTH_COLUMNS = {"truth_free_gap": "free_gap", "truth_feature_gap": "feature_gap"}
+TRUTH_KEYS = ("delta_r2_corr_free_gold", "delta_r2_corr_feature")
+
+
+def load_split(
+    source: str, cfg: RunConfig, split: str, tokenizer: Any, run: RunDir, world: WorldConfig | None = None
+) -> Dataset:
+    """Load + tokenise one preference source; its skip report goes to the summary.
+
+    `world`: the source is this synthetic world's; its exact prompt-free gold gap and planted
+    feature gap of every pair come along as the columns of TRUTH_COLUMNS (world/prompt_free_truth.py)."""
     data = load_preferences(source, cfg.data, split=split)
+    if world is not None:
+        ds = data.dataset
+        prompts = [m[-1]["content"] for m in ds["prompt_messages"]]
+        truth = pair_truth(prompts, ds["chosen"], ds["rejected"], world)
+        for column, key in TRUTH_COLUMNS.items():
+            ds = ds.add_column(column, [float(v) for v in truth[key]])
+        data.dataset = ds
     tokenized = tokenize_preferences(data, tokenizer, cfg.data)
     tokenized.report.log()
     run.update_summary("data", {split: tokenized.report.to_dict()})
@@ -134,6 +154,13 @@ def index_stream(n: int, seed: int) -> Iterator[int]:
         yield from torch.randperm(n, generator=g).tolist()
 
 
+def world_truth(train: Dataset) -> dict[str, torch.Tensor] | None:
+    """The truth columns of a world's training pairs as tensors (None for other data)."""
+    if not set(TRUTH_COLUMNS) <= set(train.column_names):
+        return None
+    return {key: torch.tensor(train[column], dtype=torch.float64) for column, key in TRUTH_COLUMNS.items()}
+
+
 def take(stream: Iterator[int], k: int) -> list[int]:
     return [next(stream) for _ in range(k)]
 
@@ -182,7 +209,15 @@ def _train_member_once(cfg: RunConfig, run: RunDir, train: Dataset, model_dir: P
     try:
         collate = PreferenceCollator(pad_token_id=pad_id, padding_side="right")
         stream = index_stream(len(train), seed)
-        draw = rm.batch_size * (rm.prioritizer.pool_factor if rm.prioritizer.mode == "resample" else 1)
+        resample = rm.prioritizer.enabled and rm.prioritizer.mode == "resample"
+        draw = rm.batch_size * (rm.prioritizer.pool_factor if resample else 1)
+        warmup = rm.prioritizer.warmup_steps  # uniform weights until then: the prioritiser is not asked
+
+        def ask(step: int, idx: list[int]) -> Any:
+            """The prioritiser's scores of step `step`'s candidate rows, asked now (None: none wanted)."""
+            return prio.score.remote(encoded_rows(train, idx)) if prio and step > warmup else None
+
+        truth = world_truth(train)  # the world's exact prompt-free gaps, when the pairs are the world's
         if rm.prioritizer.enabled:
             prio = Prioritizer.options(num_cpus=rm.prioritizer.num_cpus).remote(
                 cfg_json, str(model_dir), pad_id, cfg.data.max_length, seed, max(1, int(rm.prioritizer.num_cpus))
@@ -190,24 +225,30 @@ def _train_member_once(cfg: RunConfig, run: RunDir, train: Dataset, model_dir: P
             first = prio.refresh.remote(group.state_dict_ref(), 0)
             get_one(first, "prioritizer (start-up and first refresh)", rm.startup_timeout_s, "rm.startup_timeout_s")
         next_idx = take(stream, draw)
-        next_scores = prio.score.remote(encoded_rows(train, next_idx)) if prio else None
+        next_scores = ask(1, next_idx)
         sample_gen = torch.Generator().manual_seed(seed + 1)
         t_start, history = time.perf_counter(), []
         ready = None  # without the prioritiser, the next batch is collated while the learners train
         for step in range(1, steps + 1):
             t0 = time.perf_counter()
             idx, weights, scores = next_idx, None, None
-            if prio:
+            if next_scores is not None:
                 scores = get_one(next_scores, "prioritizer.score", rm.wait_timeout_s, "rm.wait_timeout_s")
             t_wait = time.perf_counter() - t0
             if step < steps:  # score the next batch while the learners train on this one
                 next_idx = take(stream, draw)
-                next_scores = prio.score.remote(encoded_rows(train, next_idx)) if prio else None
+                next_scores = ask(step + 1, next_idx)
+            if scores is not None and truth is not None:  # how well Δr2 tracks the world's truth, per step
+                metrics_truth = truth_correlations(scores["delta_r2"], truth, idx)
+            else:
+                metrics_truth = {}
             if scores is not None and rm.prioritizer.mode == "resample":
                 pick = sample_by_priority(scores["priorities"], rm.batch_size, sample_gen).tolist()
                 idx = [idx[i] for i in pick]
             elif scores is not None:
                 weights = scores["priorities"]
+            elif len(idx) > rm.batch_size:  # resample's warm-up: the first batch_size candidates, uniformly
+                idx = idx[: rm.batch_size]
             # a dict of columns (train[idx]) costs a third of select() + rows
             batch = ready if ready is not None else collate(train[idx])
             if weights is not None:
@@ -223,6 +264,9 @@ def _train_member_once(cfg: RunConfig, run: RunDir, train: Dataset, model_dir: P
             if scores is not None:
                 metrics["delta_r2_mean"] = float(scores["delta_r2"].mean())
                 metrics["priority_max"] = float(scores["priorities"].max())
+                metrics.update(metrics_truth)
+                if scores["weights"] is not None:  # how much of the weight the pair's own prompt takes
+                    metrics["importance_weight_own"] = float(scores["weights"][:, 0].mean())
             history.append(metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")
@@ -244,9 +288,13 @@ def _train_member_once(cfg: RunConfig, run: RunDir, train: Dataset, model_dir: P
         if prio:
             ray.kill(prio)
         group.shutdown()
-    run.update_summary(
-        None, {"pairs_per_second": steps * rm.batch_size / elapsed, "steps": steps, "train_seconds": elapsed}
-    )
+    summary = {"pairs_per_second": steps * rm.batch_size / elapsed, "steps": steps, "train_seconds": elapsed}
+    checked = [h for h in history if "delta_r2_corr_free_gold" in h]
+    if checked:  # the mean over the prioritised steps of Δr2's correlation with the world's truth
+        summary["delta_r2_validation"] = {
+            key: float(np.nanmean([h[key] for h in checked])) for key in TRUTH_KEYS if key in checked[0]
+        } | {"steps": len(checked)}
+    run.update_summary(None, summary)
     plot_rm_training(history, run.path / "plots" / f"rm_training_member{member}.png")
     return ckpt
 
@@ -282,7 +330,8 @@ def run_rm_stage(cfg: RunConfig, run: RunDir, model_dir: Path, world_paths: dict
     if cfg.data.test_fraction is not None:  # one source, split by prompt hash: its test part is "id"
         train, evals["id"] = load_hashed_split(source("train"), cfg, tokenizer, run)
     else:
-        train = load_split(source("train"), cfg, "train", tokenizer, run)
+        synthetic = cfg.data.train is None and "train" in world_paths  # the world's own pairs: truth known
+        train = load_split(source("train"), cfg, "train", tokenizer, run, cfg.world if synthetic else None)
     for key, name in (("test_id", "id"), ("test_ood", "ood")):
         if key == "test_id" and "id" in evals:
             continue

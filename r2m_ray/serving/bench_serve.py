@@ -57,8 +57,14 @@ def bench_serve(
     seconds: float = 20.0,
     pool: int = 32,
     per_request: int = 4,
+    kill_replica_after: float | None = None,
+    retries: int = 5,
 ) -> dict[str, Any]:
-    """Load-test the reward server on loopback; write and return the JSON report."""
+    """Load-test the reward server on loopback; write and return the JSON report.
+
+    `kill_replica_after` S: S seconds into the load one replica is killed (Serve starts a new one);
+    clients retry a refused, reset or 5xx request up to `retries` times, and the report counts the
+    retries, the requests still failed after them, and how long the replacement took."""
     import httpx
 
     from r2m_ray.pipelines.full_run import run_world
@@ -66,6 +72,10 @@ def bench_serve(
 
     if clients < 1 or seconds <= 0:
         raise ValueError(f"bench serve: clients={clients}, seconds={seconds}: give at least 1 client and > 0 s")
+    if kill_replica_after is not None and not 0 < kill_replica_after < seconds:
+        raise ValueError(f"bench serve: --kill-replica-after {kill_replica_after} must lie inside the {seconds} s load")
+    if kill_replica_after is not None and cfg.serve.num_replicas < 2:
+        raise ValueError("bench serve: --kill-replica-after needs serve.num_replicas >= 2 (one keeps serving)")
     run = RunDir.create(cfg.model_copy(update={"name": f"bench-serve-{cfg.name}"}), run_dir, exist)
     if cfg.eval.checkpoints:
         world = run_world(cfg, run)
@@ -80,12 +90,31 @@ def bench_serve(
     try:
         with httpx.Client(timeout=cfg.serve.request_timeout_s) as client:
             reference = [client.post(f"{url}/score", json=b, headers=headers).json()["rewards"] for b in bodies]
-            before = replica_counters(client, url, headers, cfg.serve.num_replicas)
+            before = replica_counters(client, url, headers, most_replicas(cfg))
         latencies: list[float] = []
         statuses: Counter[int] = Counter()
+        failures: Counter[str] = Counter()  # attempts that failed and were retried, by cause
         mismatches = errors = 0
         lock = threading.Lock()
         stop_at = time.monotonic() + seconds
+
+        def attempt(c: Any, body: dict[str, Any]) -> tuple[Any, str | None]:
+            """One request, retried on a refused/reset connection or a 5xx; (last response, last failure)."""
+            problem = None
+            for a in range(retries + 1):
+                try:
+                    r = c.post(f"{url}/score", json=body, headers=headers)
+                except httpx.HTTPError as err:
+                    problem, r = type(err).__name__, None
+                else:
+                    if r.status_code < 500:
+                        return r, None
+                    problem = str(r.status_code)
+                if a < retries:
+                    with lock:
+                        failures[problem] += 1
+                    time.sleep(0.2 * 2**a)
+            return r, problem
 
         def worker(k: int) -> None:
             nonlocal mismatches, errors
@@ -95,13 +124,12 @@ def bench_serve(
                     i = (k * 7 + n) % len(bodies)
                     n += 1
                     tick = time.perf_counter()
-                    try:
-                        r = c.post(f"{url}/score", json=bodies[i], headers=headers)
-                    except httpx.HTTPError:
+                    r, problem = attempt(c, bodies[i])
+                    took = time.perf_counter() - tick
+                    if r is None:
                         with lock:
                             errors += 1
                         continue
-                    took = time.perf_counter() - tick
                     wrong = r.status_code == 200 and not same(r.json()["rewards"], reference[i])
                     with lock:
                         statuses[r.status_code] += 1
@@ -112,11 +140,13 @@ def bench_serve(
         threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
         for t in threads:
             t.start()
+        fault = kill_one_replica(t0, kill_replica_after, cfg.serve.num_replicas) if kill_replica_after else None
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
+        settle_replicas()  # a replica the load made Serve start answers /info once it runs
         with httpx.Client(timeout=cfg.serve.request_timeout_s) as client:
-            after = replica_counters(client, url, headers, cfg.serve.num_replicas)
+            after = replica_counters(client, url, headers, most_replicas(cfg))
     finally:
         stop_reward_server()
         os.environ.pop(cfg.serve.token_env, None)
@@ -143,7 +173,9 @@ def bench_serve(
         | {"mean": 1000 * statistics.fmean(latencies) if latencies else float("nan")},
         "status_codes": {str(k): v for k, v in sorted(statuses.items())},
         "connection_errors": errors,
+        "retried_attempts": dict(failures),
         "mismatched_answers": mismatches,
+        "replica_killed": fault,
         "batches": batches,
         "requests_per_batch": merged / batches if batches else float("nan"),
         "largest_batch_requests": max(a["largest_batch_requests"] for a in after.values()),
@@ -171,3 +203,69 @@ def replica_counters(client: Any, url: str, headers: dict[str, str], replicas: i
         if len(seen) >= replicas:
             break
     return seen
+
+
+def most_replicas(cfg: RunConfig) -> int:
+    s = cfg.serve
+    return s.autoscaling.max_replicas if s.autoscaling else s.num_replicas
+
+
+def serve_replicas() -> set[str]:
+    """The names of the reward server's live replica actors."""
+    import ray
+
+    from r2m_ray.serving.reward_server import APP_NAME
+
+    names = ray.util.list_named_actors(all_namespaces=True)
+    return {a["name"] for a in names if a["name"].startswith("SERVE_REPLICA::") and f"{APP_NAME}#" in a["name"]}
+
+
+def settle_replicas(timeout_s: float = 90.0) -> int:
+    """Wait, at most timeout_s, until no replica of the reward server is still starting (an
+    autoscaling decision or a replacement made under load); returns the replicas running."""
+    from ray import serve
+
+    from r2m_ray.serving.reward_server import APP_NAME
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(APP_NAME)
+        states: Counter[str] = Counter()
+        for d in app.deployments.values() if app is not None else []:
+            states.update(d.replica_states)
+        if not any(states.get(k) for k in ("STARTING", "UPDATING", "RECOVERING")) or time.monotonic() > deadline:
+            return states.get("RUNNING", 0)
+        time.sleep(0.5)
+
+
+def running_replicas() -> int:
+    from ray import serve
+
+    from r2m_ray.serving.reward_server import APP_NAME
+
+    app = serve.status().applications.get(APP_NAME)
+    return 0 if app is None else sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values())
+
+
+def kill_one_replica(t0: float, after: float, replicas: int, timeout: float = 120.0) -> dict[str, Any]:
+    """At `after` s past `t0`, kill one replica without restart (as a lost node would); wait until Serve
+    runs `replicas` again with a new one. Returns what happened and when."""
+    import ray
+
+    time.sleep(max(0.0, after - (time.perf_counter() - t0)))
+    before = serve_replicas()
+    victim = sorted(before)[0]
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    killed_at = time.perf_counter() - t0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = serve_replicas()
+        if victim not in now and len(now - before) >= 1 and running_replicas() >= replicas:
+            return {
+                "replica": victim,
+                "at_seconds": killed_at,
+                "replaced_after_seconds": time.perf_counter() - t0 - killed_at,
+                "replacement": sorted(now - before)[0],
+            }
+        time.sleep(0.1)
+    raise TimeoutError(f"bench serve: Serve did not replace the killed replica {victim} within {timeout:.0f} s")

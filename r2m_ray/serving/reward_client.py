@@ -78,15 +78,23 @@ class RemoteReward:
         )
 
     def score(self, prompt_messages: list[list[dict]], responses: list[str]) -> Tensor:
-        """Rewards [B] (float32; NaN where the server returned null), in row order."""
+        """Rewards [B] (float32; NaN where the server returned null) of (prompt, response) rows, in order:
+        `POST /score`, the RM's own chat template."""
         if len(prompt_messages) != len(responses):
             raise ValueError(f"prompt_messages has {len(prompt_messages)} rows but responses has {len(responses)}")
+        conversations = [[*m, {"role": "assistant", "content": r}] for m, r in zip(prompt_messages, responses)]
+        # an empty reply (the policy's bare eos) is a real sample: scored, as a local frozen RM scores it
+        return self._rewards("/score", "messages", conversations, {"allow_empty": True})
+
+    def query(self, texts: list[str]) -> Tensor:
+        """Rewards [B] of whole prompt + response texts (`POST /get_reward`, OpenRLHF's form), in order."""
+        return self._rewards("/get_reward", "query", texts, {})
+
+    def _rewards(self, path: str, field: str, items: list[Any], extra: dict[str, Any]) -> Tensor:
         out: list[float] = []
-        for start in range(0, len(responses), self.max_items):
-            chunk = range(start, min(start + self.max_items, len(responses)))
-            conversations = [[*prompt_messages[i], {"role": "assistant", "content": responses[i]}] for i in chunk]
-            # an empty reply (the policy's bare eos) is a real sample: scored, as a local frozen RM scores it
-            rewards = self._call("POST", "/score", {"messages": conversations, "allow_empty": True})["rewards"]
+        for start in range(0, len(items), self.max_items):
+            chunk = items[start : start + self.max_items]
+            rewards = self._call("POST", path, {field: chunk, **extra})["rewards"]
             if len(rewards) != len(chunk):
                 raise RemoteRewardError(f"reward server {self.url}: {len(rewards)} rewards for {len(chunk)} rows")
             out += [math.nan if r is None else float(r) for r in rewards]

@@ -259,15 +259,19 @@ def start_reward_server(cfg: RunConfig) -> str:
         log.warning("serve.host=%s: the reward server listens beyond loopback (the token is still required)", s.host)
     init_ray(cfg.ray)
     serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s})
+    replicas: dict[str, Any] = (
+        {"autoscaling_config": s.autoscaling.model_dump()} if s.autoscaling else {"num_replicas": s.num_replicas}
+    )
     deployment = RewardServer.options(
-        num_replicas=s.num_replicas,
+        **replicas,
         max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=s.max_queued_requests,
         ray_actor_options={"num_cpus": s.num_cpus_per_replica},
     )
     serve.run(deployment.bind(cfg.model_dump_json(), digests, token_digest(token)), name=APP_NAME, route_prefix="/")
     url = f"http://{s.host}:{s.port}"
-    log.info("reward server: %s (%d replica(s), %d checkpoint(s))", url, s.num_replicas, len(digests))
+    shown = f"{s.autoscaling.min_replicas}-{s.autoscaling.max_replicas}" if s.autoscaling else str(s.num_replicas)
+    log.info("reward server: %s (%s replica(s), %d checkpoint(s))", url, shown, len(digests))
     return url
 
 
