@@ -107,6 +107,8 @@ class RMConfig(Section):
     batch_size: int = Field(default=32, ge=1)
     epochs: int = Field(default=1, ge=1)
     max_steps: int | None = Field(default=None, ge=1)
+    # train on the first N training pairs only (the data-size axis of a sweep; eval splits stay whole)
+    train_pairs: int | None = Field(default=None, ge=2)
     eval_batch_size: int = Field(default=64, ge=1)
     log_every: int = Field(default=10, ge=1)
     # also write each trained member as an HF *ForSequenceClassification dir (checkpoints/rm-<m>-hf)

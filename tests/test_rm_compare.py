@@ -53,3 +53,34 @@ def test_rm_compare_table_and_paired_differences(ray_session, tmp_path):
     assert paired[0][2].startswith(f"{statistics.fmean(d):+.1f} ± {half:.1f} (")
     ratio = statistics.median(a["train_seconds"] / b["train_seconds"] for a, b in zip(rows["smoothed"], rows["bt"]))
     assert paired[0][4] == f"{ratio:.2f}"
+
+
+def test_group_reference_pairs_each_variant_with_its_own_group():
+    """A data-size sweep (variants GROUP/METHOD): n500/grm is paired with n500/bt, n6000/grm with n6000/bt."""
+    from pydantic import ValidationError
+
+    from r2m_ray.pipelines.compare import CompareSpec, results_table
+
+    names = ["n500/bt", "n500/grm", "n6000/bt", "n6000/grm"]
+    spec = CompareSpec(base="x.yaml", variants={n: [] for n in names}, group_reference="bt")
+    assert spec.pairing() == {
+        "n500/bt": "n500/bt",
+        "n500/grm": "n500/bt",
+        "n6000/bt": "n6000/bt",
+        "n6000/grm": "n6000/bt",
+    }
+    ood = {"n500/bt": [0.30, 0.34], "n500/grm": [0.32, 0.36], "n6000/bt": [0.40, 0.44], "n6000/grm": [0.39, 0.43]}
+
+    def run(name: str, seed: int) -> dict:
+        acc = ood[name][seed]
+        return {"seed": seed, "accuracy": {"id": 0.8, "ood": acc}, "gold_accuracy": {"id": 0.7, "ood": acc}}
+
+    table = results_table({n: [run(n, s) for s in (0, 1)] for n in names}, None, spec.pairing())
+    paired = {line.split(" | ")[0][2:]: line for line in table.splitlines()[len(names) + 3 :] if line.startswith("| n")}
+    assert set(paired) == {"n500/grm", "n6000/grm"}  # the references are not paired with themselves
+    # OOD acc: +2 points in every n500 seed, −1 in every n6000 seed (zero spread: ± 0.0)
+    assert paired["n500/grm"].split(" | ")[2] == "+2.0 ± 0.0 (0.0)"
+    assert paired["n6000/grm"].split(" | ")[2] == "-1.0 ± 0.0 (0.0)"
+    assert "its group's reference (`GROUP/bt`)" in table
+    with pytest.raises(ValidationError, match="has no n6000/bt"):
+        CompareSpec(base="x.yaml", variants={"n500/bt": [], "n6000/grm": []}, group_reference="bt")

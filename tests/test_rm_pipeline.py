@@ -116,7 +116,8 @@ def test_grm_dpo_prioritized_resample_ensemble(ray_session, tmp_path):
 
 def test_prioritizer_warmup_reference_weights_and_truth_in_the_summary(ray_session, tmp_path):
     """No prioritiser scores during the warm-up; after it, reference importance weights and each
-    batch's Δr2 correlation with the world's exact truth are logged and averaged into the summary."""
+    batch's Δr2 correlation with the world's exact truth are logged and averaged into the summary.
+    rm.train_pairs trains on the first pairs only (the data-size axis of a sweep)."""
     cfg = _cfg(
         tmp_path,
         "stages=[world, rm]",
@@ -124,11 +125,12 @@ def test_prioritizer_warmup_reference_weights_and_truth_in_the_summary(ray_sessi
         "rm.prioritizer.warmup_steps=4",
         "rm.prioritizer.weights=reference",
         "rm.prioritizer.normalize=batch_std",
-        "rm.max_steps=10",
+        "rm.train_pairs=160",  # of the world's 768: 160 // 16 = 10 steps in the one epoch
         "rm.log_every=1",
     )
     run = run_pipeline(cfg, run_dir=tmp_path / "warm")
     s = json.loads((run.path / "summary.json").read_text())
+    assert s["steps"] == 10 and s["data"]["train_pairs_used"] == 160
     rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["stage"] == "rm/member0"]
     assert [r["step"] for r in rows] == list(range(1, 11))

@@ -9,7 +9,8 @@ the code training uses), for each M in eval.decomposition.num_prompts, and repor
 - the RM's own-prompt gap d_own with the same: what the decomposition adds over the raw margin;
 - RM Δr1 = d_own − Δr2 with the correctness gap (the prompt-related part of gold);
 - the control: the same estimator with gold itself as the reward (same cross prompts), which
-  bounds what any RM could reach with this M and these batches.
+  bounds what any RM could reach with this M and these batches, beside gold's own-prompt gap
+  (what the estimator adds over the margin when the reward is right).
 
 Pearson over all pairs and per task family, Spearman over all pairs (scipy.stats).
 """
@@ -73,6 +74,7 @@ def correlation_rows(gaps: dict[str, list[float]], truth: dict[str, list], famil
         "rm_delta_r1~related_gap": ("rm_delta_r1", "related_gap"),
         "gold_delta_r2~free_gap": ("gold_delta_r2", "free_gap"),
         "gold_delta_r2~feature_gap": ("gold_delta_r2", "feature_gap"),
+        "gold_d_own~free_gap": ("gold_d_own", "free_gap"),
     }
     out: dict[str, Any] = {}
     for name, (est, target) in pairs.items():
@@ -103,7 +105,7 @@ def split_gaps(
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(ds), generator=gen).tolist()
     n = len(order)
-    gaps = {k: [math.nan] * n for k in ("rm_delta_r2", "rm_d_own", "rm_delta_r1", "gold_delta_r2")}
+    gaps = {k: [math.nan] * n for k in ("rm_delta_r2", "rm_d_own", "rm_delta_r1", "gold_delta_r2", "gold_d_own")}
     for start in range(0, n - 1, batch):  # a last batch of one pair has no other prompt: it is left out
         rows = order[start : start + batch]
         if len(rows) < 2:
@@ -133,6 +135,7 @@ def split_gaps(
             gaps["rm_d_own"][i] = float(out["d"][j, 0])
             gaps["rm_delta_r1"][i] = float(out["delta_r1"][j])
             gaps["gold_delta_r2"][i] = float(gold_r2[j])
+            gaps["gold_d_own"][i] = float(d_gold[j, 0])
     keep = [i for i in range(n) if not math.isnan(gaps["rm_delta_r2"][i])]
     return {k: [v[i] for i in keep] for k, v in gaps.items()} | {"rows": keep}  # type: ignore[dict-item]
 
@@ -187,6 +190,7 @@ ROWS = (
     ("RM Δr1 ~ correctness gap", "rm_delta_r1~related_gap"),
     ("control: gold Δr2 ~ exact prompt-free gold gap", "gold_delta_r2~free_gap"),
     ("control: gold Δr2 ~ planted feature gap", "gold_delta_r2~feature_gap"),
+    ("control: gold own-prompt gap ~ exact prompt-free gold gap", "gold_d_own~free_gap"),
 )
 
 

@@ -47,6 +47,9 @@ class CompareSpec(Section):
     arm_reward_model: dict[str, str] = {}
     arm_seeds: dict[str, list[int]] = {}  # arms run on a subset of the seeds (default: all of them)
     reference: str | None = None
+    # RM sweeps with variants named GROUP/METHOD (e.g. n500/grm_sft): each variant's paired
+    # difference is taken against GROUP/<group_reference> (e.g. n500/bt), not one reference for all
+    group_reference: str | None = None
     kl_budgets: list[float] = [1.0, 4.0]
     figures: str = "docs/figures"
 
@@ -66,7 +69,22 @@ class CompareSpec(Section):
                 raise ValueError(f"arm_seeds.{arm}: {sorted(set(seeds) - set(self.seeds))} are not in seeds")
         if self.reference is not None and self.reference not in self.variants:
             raise ValueError(f"reference: {self.reference!r} is not a variant")
+        if self.group_reference is not None:
+            for name in self.variants:
+                group, sep, _ = name.rpartition("/")
+                if not sep or f"{group}/{self.group_reference}" not in self.variants:
+                    raise ValueError(
+                        f"group_reference: variant {name!r} has no {group or '<group>'}/{self.group_reference} "
+                        "to be paired with (name variants GROUP/METHOD)"
+                    )
         return self
+
+    def pairing(self) -> dict[str, str]:
+        """Each variant's paired reference (the variant itself for a reference)."""
+        if self.group_reference is None:
+            ref = self.reference or next(iter(self.variants))
+            return {name: ref for name in self.variants}
+        return {name: f"{name.rpartition('/')[0]}/{self.group_reference}" for name in self.variants}
 
 
 def load_spec(path: Path) -> CompareSpec:
@@ -92,9 +110,12 @@ def _fmt(values: list[float]) -> str:
 PAIRED_RM = [("ID acc", "accuracy", "id"), ("OOD acc", "accuracy", "ood"), ("OOD gold acc", "gold_accuracy", "ood")]
 
 
-def results_table(rows: dict[str, list[dict[str, Any]]], reference: str | None = None) -> str:
+def results_table(
+    rows: dict[str, list[dict[str, Any]]], reference: str | None = None, pairing: dict[str, str] | None = None
+) -> str:
     """Markdown tables: one row per variant, mean ± std over seeds (accuracies in %) and training
-    seconds; then each variant's paired difference to `reference` (default: the first variant)."""
+    seconds; then each variant's paired difference to `reference` (default: the first variant), or
+    to its own reference in `pairing` (variant → reference variant)."""
     from r2m_ray.eval.rl_report import paired_cell, paired_difference
 
     lines = [
@@ -134,19 +155,25 @@ def results_table(rows: dict[str, list[dict[str, Any]]], reference: str | None =
                     cells.append(f"{statistics.fmean(xs):+.2f} ± {std:.2f}")
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
     ref = reference or next(iter(rows))
-    others = [name for name in rows if name != ref]
-    if not others or len(rows[ref]) < 2:
+    pairing = pairing or {name: ref for name in rows}
+    others = [name for name in rows if pairing.get(name, name) != name]
+    if not others or any(len(rows[pairing[name]]) < 2 for name in others):
         return "\n".join(lines)
+    against = (
+        f"`{ref}`"
+        if len(set(pairing.values())) == 1
+        else "its group's reference (`GROUP/" + (pairing[others[0]].rpartition("/")[2] + "`)")
+    )
     lines += [
         "",
-        f"Paired difference to `{ref}` (same seed), in points: mean ± 95% interval (smallest difference the "
+        f"Paired difference to {against} (same seed), in points: mean ± 95% interval (smallest difference the "
         "seeds could detect at power 0.8); train-time ratio: median over seeds of the per-seed ratio",
         "",
         "| method | " + " | ".join(h for h, _, _ in PAIRED_RM) + " | train-time ratio |",
         "|" + "---|" * (len(PAIRED_RM) + 2),
     ]
-    by_seed = {r["seed"]: r for r in rows[ref]}
     for name in others:
+        by_seed = {r["seed"]: r for r in rows[pairing[name]]}
         pairs = [(r, by_seed[r["seed"]]) for r in rows[name] if r.get("seed") in by_seed]
         cells = []
         for _, key, split in PAIRED_RM:
@@ -218,7 +245,7 @@ def run_compare(
             log.info("compare %s seed %d done", name, seed)
             atomic_write_text(root.path / "compare.json", json.dumps(rows, indent=2, default=float))
     minutes = (time.perf_counter() - t0) / 60
-    table = results_table(rows, spec.reference)
+    table = results_table(rows, spec.reference, spec.pairing())
     what = (
         "Accuracy = agreement with the split's (noisy, biased-sampled) labels; gold acc = agreement "
         "with the world's gold preference. Mean ± std over seeds, in %; train s: the median over seeds "

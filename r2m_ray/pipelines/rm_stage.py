@@ -332,6 +332,11 @@ def run_rm_stage(cfg: RunConfig, run: RunDir, model_dir: Path, world_paths: dict
     else:
         synthetic = cfg.data.train is None and "train" in world_paths  # the world's own pairs: truth known
         train = load_split(source("train"), cfg, "train", tokenizer, run, cfg.world if synthetic else None)
+    if cfg.rm.train_pairs is not None:  # a data-size sweep: the same first pairs for every method and seed
+        if cfg.rm.train_pairs > len(train):
+            raise ValueError(f"rm.train_pairs={cfg.rm.train_pairs} but the training set has {len(train)} usable pairs")
+        train = train.select(range(cfg.rm.train_pairs))
+        run.update_summary("data", {"train_pairs_used": cfg.rm.train_pairs})
     for key, name in (("test_id", "id"), ("test_ood", "ood")):
         if key == "test_id" and "id" in evals:
             continue
