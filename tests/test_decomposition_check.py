@@ -2,11 +2,11 @@
 
 The world knows each pair's exact prompt-free gold gap Δg2 = −λ_len·Δexcess − λ_phrase·Δphrase.
 The control gives the estimator gold itself as the reward: then Δr2 must recover Δg2, and far
-better than the pair's own-prompt gap does (which mixes in the correctness gap). Measured on the
-default world's 1,000-pair test splits in batches of 32 (`r2m-ray eval decomposition`, docs/results.md):
-Pearson 0.64–0.77 at M = 2, 0.87–0.93 at M = 4, 0.95–0.97 at M = 8 (length and phrase worlds, ID and
-OOD), against 0.29–0.42 for the own-prompt gap. The thresholds below (0.8 at M = 4, 0.9 at M = 8,
-own gap below 0.6) sit under every measured value with room for another seed's batches.
+better than the pair's own-prompt gap does (which mixes in the correctness gap). On the length
+world's 1,000-pair test splits in batches of 32, `r2m-ray eval decomposition` (docs/results.md)
+gives Pearson 0.74 / 0.90 / 0.96 at M = 2 / 4 / 8 (ID; OOD 0.66 / 0.88 / 0.95) against 0.42 / 0.28
+for the own-prompt gap. The thresholds below (0.8 at M = 4, 0.9 at M = 8, own gap below 0.6) sit
+under those values with room for another world's draw of pairs and batches.
 """
 
 from __future__ import annotations
