@@ -13,20 +13,27 @@ from tests.conftest import ROOT, small_overrides
 pytestmark = pytest.mark.slow
 
 
-def test_bench_serve_reports_throughput_latency_and_no_wrong_answers(trained, tmp_path):
-    from r2m_ray.serving.bench_serve import bench_serve
-
+def serve_config(trained, tmp_path, *overrides: str):
+    """The quickstart config serving the session's RM on a free loopback port, plus `overrides`."""
     _, base = trained
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    overrides = small_overrides(tmp_path) + [
-        f"eval.checkpoints=[{base / 'checkpoints' / 'rm-0'}]",
-        f"serve.port={port}",
+    ckpt = f"eval.checkpoints=[{base / 'checkpoints' / 'rm-0'}]"
+    return load_config(
+        ROOT / "jobs" / "quickstart.yaml", small_overrides(tmp_path) + [ckpt, f"serve.port={port}", *overrides]
+    )
+
+
+def test_bench_serve_reports_throughput_latency_and_no_wrong_answers(trained, tmp_path):
+    from r2m_ray.serving.bench_serve import bench_serve
+
+    cfg = serve_config(
+        trained,
+        tmp_path,
         "serve.num_cpus_per_replica=0.5",
         "serve.batch_wait_timeout_s=0.05",
-    ]
-    cfg = load_config(ROOT / "jobs" / "quickstart.yaml", overrides)
+    )
     report = bench_serve(cfg, str(tmp_path / "serve.json"), str(tmp_path / "bench"), clients=4, seconds=3.0, pool=8)
     assert json.loads((tmp_path / "serve.json").read_text())["requests_ok"] == report["requests_ok"]
     assert report["requests_ok"] == report["requests"] > 0 and report["status_codes"] == {"200": report["requests"]}
@@ -45,18 +52,13 @@ def test_a_replica_killed_under_load_is_replaced_and_clients_see_retries_not_wro
     the requests it held are retried by the clients, and every answer still equals the reference."""
     from r2m_ray.serving.bench_serve import bench_serve, serve_replicas
 
-    _, base = trained
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    overrides = small_overrides(tmp_path) + [
-        f"eval.checkpoints=[{base / 'checkpoints' / 'rm-0'}]",
-        f"serve.port={port}",
+    cfg = serve_config(
+        trained,
+        tmp_path,
         "serve.num_replicas=2",
         "serve.num_cpus_per_replica=0.5",
         "serve.batch_wait_timeout_s=0.2",  # requests wait in the replica: the kill catches some in flight
-    ]
-    cfg = load_config(ROOT / "jobs" / "quickstart.yaml", overrides)
+    )
     report = bench_serve(cfg, None, str(tmp_path / "bench"), clients=6, seconds=10.0, pool=8, kill_replica_after=3.0)
     fault = report["replica_killed"]
     assert fault["replica"] != fault["replacement"] and 0 < fault["replaced_after_seconds"] < 120
@@ -74,18 +76,13 @@ def test_autoscaling_adds_a_replica_under_load(trained, tmp_path):
     replica: Serve starts the second replica while the load runs, and every answer stays right."""
     from r2m_ray.serving.bench_serve import bench_serve
 
-    _, base = trained
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    overrides = small_overrides(tmp_path) + [
-        f"eval.checkpoints=[{base / 'checkpoints' / 'rm-0'}]",
-        f"serve.port={port}",
+    cfg = serve_config(
+        trained,
+        tmp_path,
         "serve.num_cpus_per_replica=0.5",
         "serve.autoscaling={min_replicas: 1, max_replicas: 2, target_ongoing_requests: 1, upscale_delay_s: 0, "
         "metrics_interval_s: 0.5, look_back_period_s: 1}",
-    ]
-    cfg = load_config(ROOT / "jobs" / "quickstart.yaml", overrides)
+    )
     report = bench_serve(cfg, None, str(tmp_path / "bench"), clients=6, seconds=12.0, pool=8)
     assert report["replicas_seen"] == 2, report  # the /info of a second replica answered during the run
     assert report["mismatched_answers"] == 0 and report["status_codes"] == {"200": report["requests"]}

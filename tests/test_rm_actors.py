@@ -16,6 +16,7 @@ from r2m_ray.data.preference import load_preferences
 from r2m_ray.data.tokenize import PreferenceCollator, tokenize_preferences
 from r2m_ray.models.registry import load_tokenizer
 from r2m_ray.models.reward_model import RewardModel
+from r2m_ray.pipelines.rm_stage import encoded_rows
 
 pytestmark = pytest.mark.slow
 
@@ -70,10 +71,7 @@ def test_prioritizer_actor_matches_direct_computation(ray_session, small_cfg, ti
     prio = Prioritizer.remote(_cfg_json(cfg), str(tiny_model_dir), tok.pad_token_id, cfg.data.max_length, 0)
     state = ray.put({k: v.clone() for k, v in model.state_dict().items()})
     assert ray.get(prio.refresh.remote(state, 7)) == 7
-    rows = train_ds.select(range(12))
-    enc = {
-        c: rows[c] for c in ["chosen_input_ids", "chosen_response_mask", "rejected_input_ids", "rejected_response_mask"]
-    }
+    enc = encoded_rows(train_ds, list(range(12)))
     out = ray.get(prio.score.remote(enc))
     assert out["version"] == 7 and out["sequences_scored"] == 12 * 3 * 2
     idx = out["prompt_index"]
@@ -112,10 +110,7 @@ def test_prioritizer_reference_weights_come_from_the_starting_model(ray_session,
     cfg.rm.prioritizer.normalize = "batch_std"
     prio = Prioritizer.remote(_cfg_json(cfg), str(tiny_model_dir), tok.pad_token_id, cfg.data.max_length, 0)
     ray.get(prio.refresh.remote(ray.put({k: v.clone() for k, v in model.state_dict().items()}), 1))
-    rows = train_ds.select(range(8))
-    enc = {
-        c: rows[c] for c in ["chosen_input_ids", "chosen_response_mask", "rejected_input_ids", "rejected_response_mask"]
-    }
+    enc = encoded_rows(train_ds, list(range(8)))
     out = ray.get(prio.score.remote(enc))
     idx = out["prompt_index"]
     start = RewardModel.from_backbone_dir(tiny_model_dir).eval()
