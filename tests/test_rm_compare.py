@@ -10,6 +10,8 @@ import pytest
 import yaml
 
 from r2m_ray.cli import main
+from r2m_ray.config import ConfigError
+from r2m_ray.pipelines.compare import run_compare
 from tests.conftest import ROOT, small_overrides
 
 pytestmark = pytest.mark.slow
@@ -20,11 +22,14 @@ T_975_DF1 = 12.706204736174707  # the two-sided 95% t quantile with one degree o
 def test_rm_compare_table_and_paired_differences(ray_session, tmp_path):
     spec = {
         "base": str(ROOT / "jobs" / "quickstart.yaml"),
-        "overrides": small_overrides(tmp_path) + ["stages=[world, rm]", "rm.max_steps=8"],
+        "overrides": small_overrides(tmp_path)
+        + ["stages=[world, rm]", "rm.max_steps=8", "eval.bon.n=4", "eval.bon.prompts=6", "eval.bon.max_new_tokens=8"],
         "seeds": [0, 1],
         "output": str(tmp_path / "results.md"),
         "section": "tiny_rm",
         "variants": {"bt": [], "smoothed": ["rm.loss=label_smoothing", "rm.label_smoothing=0.2"]},
+        "bon": True,
+        "figures": str(tmp_path / "figures"),
     }
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -39,7 +44,8 @@ def test_rm_compare_table_and_paired_differences(ray_session, tmp_path):
     assert text.startswith("# Results\n\nkept above\n") and text.endswith("<!-- tiny_rm:end -->\nkept below\n")
     assert "\nold\n" not in text and f"`r2m-ray compare {path}`" in text
     lines = [line.strip("| ").split(" | ") for line in text.splitlines() if line.startswith("| ")]
-    table = {cells[0]: cells for cells in lines if sum("±" in c for c in cells) == 4}  # the main table
+    # the main table (the best-of-n table's rows also have 7 cells, but 3 of them with ±)
+    table = {cells[0]: cells for cells in lines if len(cells) == 7 and sum("±" in c for c in cells) == 4}
     for name in ("bt", "smoothed"):  # mean ± sample std over the 2 seeds, in %
         ood = [100 * r["accuracy"]["ood"] for r in rows[name]]
         assert table[name][2] == f"{statistics.fmean(ood):.1f} ± {statistics.stdev(ood):.1f}"
@@ -48,11 +54,48 @@ def test_rm_compare_table_and_paired_differences(ray_session, tmp_path):
     # the paired row: the mean of the per-seed differences, its t-interval and the detectable effect
     d = [100 * (a["accuracy"]["ood"] - b["accuracy"]["ood"]) for a, b in zip(rows["smoothed"], rows["bt"])]
     half = T_975_DF1 * statistics.stdev(d) / math.sqrt(2)
-    paired = [cells for cells in lines if cells[0] == "smoothed" and sum("±" in c for c in cells) == 3]
+    paired = [cells for cells in lines if cells[0] == "smoothed" and len(cells) == 5]
     assert len(paired) == 1 and set(table) == {"bt", "smoothed"}
     assert paired[0][2].startswith(f"{statistics.fmean(d):+.1f} ± {half:.1f} (")
     ratio = statistics.median(a["train_seconds"] / b["train_seconds"] for a, b in zip(rows["smoothed"], rows["bt"]))
     assert paired[0][4] == f"{ratio:.2f}"
+
+    # best-of-n: every RM picked among the same 6 × 4 samples, so n = 1 (a random sample) is the same
+    # mean gold for all, and no RM's pick beats gold picking for itself
+    bon = json.loads((tmp_path / "run" / "summary.json").read_text())["bon"]
+    ceiling = bon["gold_picks"]
+    assert ceiling["n"] == [1, 2, 4] and ceiling["gold"] == sorted(ceiling["gold"])
+    runs = rows["bt"] + rows["smoothed"]
+    for r in runs:
+        assert r["bon"]["n"] == [1, 2, 4] and r["bon"]["gold"][0] == pytest.approx(ceiling["gold"][0])
+        assert all(g <= c + 1e-12 for g, c in zip(r["bon"]["gold"], ceiling["gold"]))
+        assert r["bon"]["proxy"] == sorted(r["bon"]["proxy"])  # the picker's own reward rises with n
+    assert len({tuple(r["bon"]["gold"]) for r in runs}) > 1  # the four RMs did not all pick alike
+    bon_rows = {
+        cells[0]: cells
+        for cells in lines
+        if len(cells) == 7 and sum("±" in c for c in cells) == 3 and cells[0] in ("bt", "smoothed")
+    }
+    gold_n4 = [r["bon"]["gold"][-1] for r in rows["bt"]]
+    assert bon_rows["bt"][3] == f"{statistics.fmean(gold_n4):.3f} ± {statistics.stdev(gold_n4):.3f}"
+    d = [a["bon"]["gold"][-1] - b["bon"]["gold"][-1] for a, b in zip(rows["smoothed"], rows["bt"])]
+    bon_paired = [cells for cells in lines if cells[:2] == ["smoothed", "bt"]]
+    assert bon_paired[0][3].startswith(
+        f"{statistics.fmean(d):+.3f} ± {T_975_DF1 * statistics.stdev(d) / math.sqrt(2):.3f} ("
+    )
+    assert (tmp_path / "figures" / "tiny_rm_bon.png").stat().st_size > 0
+    assert (tmp_path / "figures" / "tiny_rm_id_vs_ood.png").stat().st_size > 0
+
+    # --report-only rebuilds the same section from the run directory, training nothing
+    (tmp_path / "results.md").write_text("# Results\n\n<!-- tiny_rm:begin -->\nstale\n<!-- tiny_rm:end -->\n")
+    trained = sorted(p.stat().st_mtime_ns for p in (tmp_path / "run").glob("*-seed*/summary.json"))
+    assert main(["compare", str(path), "--run-dir", str(tmp_path / "run"), "--report-only"]) == 0
+    assert (tmp_path / "results.md").read_text() == "# Results\n\n" + text[
+        text.index("<!-- tiny_rm:begin -->") :
+    ].replace("kept below\n", "")
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "run").glob("*-seed*/summary.json")) == trained
+    with pytest.raises(ConfigError, match="compare.json does not exist"):
+        run_compare(path, str(tmp_path / "empty"), report_only=True)
 
 
 def test_group_reference_pairs_each_variant_with_its_own_group():

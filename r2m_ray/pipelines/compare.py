@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from r2m_ray.atomic_write import atomic_write_text
-from r2m_ray.config import ConfigError, load_config
+from r2m_ray.config import ConfigError, RunConfig, load_config
 from r2m_ray.config_base import Section
 from r2m_ray.ray_setup import init_ray
 from r2m_ray.rundir import RunDir
@@ -52,6 +53,9 @@ class CompareSpec(Section):
     group_reference: str | None = None
     kl_budgets: list[float] = [1.0, 4.0]
     figures: str = "docs/figures"
+    # RM comparisons: best-of-n gold against the KL bound with every (variant, seed) RM, on one set of
+    # samples of the SFT policy (eval.bon.n, .prompts, .max_new_tokens from the base config)
+    bon: bool = False
 
     @model_validator(mode="after")
     def _names_exist(self) -> CompareSpec:
@@ -185,6 +189,38 @@ def results_table(
     return "\n".join(lines)
 
 
+def tradeoff_figure(rows: dict[str, list[dict[str, Any]]], pairing: dict[str, str], path: Path) -> Path:
+    """ID accuracy against OOD gold accuracy, one point per variant (mean ± std over seeds).
+
+    A method that only learns less (fewer steps, a weaker signal) moves along the references'
+    own trade-off; one that learns less of the bias moves above it. References (each variant's
+    pairing target: BT at every size and epoch count in a sweep) are joined by a line."""
+    import matplotlib.pyplot as plt  # after eval.plots chose the Agg backend
+
+    from r2m_ray.eval.plots import save_figure
+
+    def point(runs: list[dict[str, Any]]) -> tuple[float, float, float, float]:
+        x = [100 * r["accuracy"]["id"] for r in runs]
+        y = [100 * r["gold_accuracy"]["ood"] for r in runs if "ood" in r.get("gold_accuracy", {})]
+        sx, sy = (statistics.stdev(v) if len(v) > 1 else 0.0 for v in (x, y))
+        return statistics.fmean(x), statistics.fmean(y), sx, sy
+
+    usable = {n: runs for n, runs in rows.items() if runs and all("ood" in r.get("gold_accuracy", {}) for r in runs)}
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    refs = sorted({pairing.get(n, n) for n in usable} & set(usable), key=lambda n: point(usable[n])[0])
+    if len(refs) > 1:
+        ax.plot([point(usable[n])[0] for n in refs], [point(usable[n])[1] for n in refs], "k-", lw=0.8, alpha=0.5)
+    for name, runs in usable.items():
+        x, y, sx, sy = point(runs)
+        is_ref = pairing.get(name, name) == name
+        ax.errorbar(x, y, xerr=sx, yerr=sy, fmt="s" if is_ref else "o", color="k" if is_ref else None, capsize=2)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
+    ax.set_xlabel("ID accuracy (%)")
+    ax.set_ylabel("OOD gold accuracy (%)")
+    ax.set_title("learning the bias (right) against generalising (up)", fontsize=9)
+    return save_figure(fig, path)
+
+
 def write_section(path: Path, section: str, body: str) -> None:
     """Replace the text between <!-- section:begin --> and <!-- section:end --> (append if absent)."""
     begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
@@ -202,10 +238,6 @@ def run_compare(
     spec_path: Path, run_dir: str | None = None, command: str = "", report_only: bool = False
 ) -> dict[str, Any]:
     """Run every (variant, seed); write the table; return all summaries."""
-    from r2m_ray.pipelines.full_run import base_model_dir, run_world
-    from r2m_ray.pipelines.rm_stage import run_rm_stage
-    from r2m_ray.pipelines.sft_stage import run_sft_stage
-
     spec = load_spec(spec_path)
     base_cfg = load_config(spec.base, spec.overrides)
     for name, ovr in spec.variants.items():  # validate every variant before hours of training
@@ -225,8 +257,24 @@ def run_compare(
         result = run_rl_compare(spec, root, command, report_only)
         root.close()
         return result
-    if report_only:
-        raise ConfigError("--report-only applies to RL comparisons (a base config with an rl stage)")
+    try:
+        if report_only:  # the tables again from a finished comparison (e.g. after a change to the report)
+            rows, bon, minutes = _saved_rm_results(spec, root)
+        else:
+            rows, bon, minutes = _run_rm_variants(spec, base_cfg, root)
+        return write_rm_report(spec, root, rows, bon, minutes, command)
+    finally:
+        root.close()
+
+
+def _run_rm_variants(
+    spec: CompareSpec, base_cfg: RunConfig, root: RunDir
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any] | None, float]:
+    """World and SFT once, then every (seed, variant)'s reward model; best-of-n with each if asked."""
+    from r2m_ray.pipelines.full_run import base_model_dir, run_world
+    from r2m_ray.pipelines.rm_stage import run_rm_stage
+    from r2m_ray.pipelines.sft_stage import run_sft_stage
+
     t0 = time.perf_counter()
     world = run_world(base_cfg, root)
     model_dir = base_model_dir(base_cfg)
@@ -244,15 +292,64 @@ def run_compare(
             rows[name].append({**summary, "seed": seed})
             log.info("compare %s seed %d done", name, seed)
             atomic_write_text(root.path / "compare.json", json.dumps(rows, indent=2, default=float))
+    bon = None
+    if spec.bon:
+        from r2m_ray.pipelines.rm_compare_bon import run_bon
+
+        bon = run_bon(base_cfg, rm_init, world, rows)
+        atomic_write_text(root.path / "compare.json", json.dumps(rows, indent=2, default=float))
+        root.update_summary("bon", bon)
     minutes = (time.perf_counter() - t0) / 60
-    table = results_table(rows, spec.reference, spec.pairing())
+    root.update_summary(None, {"minutes": minutes})
+    return rows, bon, minutes
+
+
+def _saved_rm_results(
+    spec: CompareSpec, root: RunDir
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any] | None, float | None]:
+    """A finished RM comparison's rows, best-of-n and minutes, as its run directory holds them."""
+    saved = root.path / "compare.json"
+    if not saved.is_file():
+        raise ConfigError(f"--report-only: {saved} does not exist: run the comparison in this --run-dir first")
+    rows = json.loads(saved.read_text())
+    missing = [n for n in spec.variants if len(rows.get(n, [])) != len(spec.seeds)]
+    if missing:
+        raise ConfigError(f"--report-only: {saved} lacks seeds {spec.seeds} of variants {missing}: an unfinished run")
+    rows = {n: rows[n] for n in spec.variants}
+    bon = root.summary.get("bon")
+    if spec.bon and (bon is None or any("bon" not in r for runs in rows.values() for r in runs)):
+        raise ConfigError(f"--report-only: the spec asks for best-of-n (bon: true) but {root.path} has none")
+    return rows, bon if spec.bon else None, root.summary.get("minutes")
+
+
+def write_rm_report(
+    spec: CompareSpec,
+    root: RunDir,
+    rows: dict[str, list[dict[str, Any]]],
+    bon: dict[str, Any] | None,
+    minutes: float | None,
+    command: str,
+) -> dict[str, Any]:
+    """The tables and figures of an RM comparison, written into spec.output between its markers."""
+    figures, out_dir = Path(spec.figures), Path(spec.output).parent
+    trade = tradeoff_figure(rows, spec.pairing(), figures / f"{spec.section}_id_vs_ood.png")
+    table = (
+        results_table(rows, spec.reference, spec.pairing())
+        + f"\n\nFigure: [{trade.name}]({os.path.relpath(trade, out_dir)})."
+    )
+    if bon is not None:
+        from r2m_ray.pipelines.rm_compare_bon import bon_figure, bon_table
+
+        figure = bon_figure(rows, bon, figures / f"{spec.section}_bon.png")
+        link = os.path.relpath(figure, out_dir)
+        table += f"\n\n{bon_table(rows, spec.pairing(), bon)}\n\nFigure: [{figure.name}]({link})."
     what = (
         "Accuracy = agreement with the split's (noisy, biased-sampled) labels; gold acc = agreement "
         "with the world's gold preference. Mean ± std over seeds, in %; train s: the median over seeds "
         "of the training loop's seconds (evaluation and start-up apart)."
     )
-    body = f"Command: `{command}` ({len(spec.seeds)} seeds, {minutes:.0f} min on this machine).\n{what}\n\n" + table
+    took = f"{minutes:.0f} min on this machine" if minutes is not None else "time not recorded"
+    body = f"Command: `{command}` ({len(spec.seeds)} seeds, {took}).\n{what}\n\n" + table
     write_section(Path(spec.output), spec.section, body)
-    root.update_summary(None, {"table": table, "minutes": minutes})
-    root.close()
+    root.update_summary(None, {"table": table})
     return {"rows": rows, "table": table}
