@@ -7,11 +7,15 @@ import math
 import statistics
 
 import pytest
+import torch
 import yaml
 
 from r2m_ray.cli import main
-from r2m_ray.config import ConfigError
+from r2m_ray.config import ConfigError, load_config
+from r2m_ray.models.registry import hidden_size
+from r2m_ray.pipelines.bon_eval import score
 from r2m_ray.pipelines.compare import run_compare
+from r2m_ray.pipelines.full_run import base_model_dir
 from tests.conftest import ROOT, small_overrides
 
 pytestmark = pytest.mark.slow
@@ -85,6 +89,16 @@ def test_rm_compare_table_and_paired_differences(ray_session, tmp_path):
     )
     assert (tmp_path / "figures" / "tiny_rm_bon.png").stat().st_size > 0
     assert (tmp_path / "figures" / "tiny_rm_id_vs_ood.png").stat().st_size > 0
+
+    # best-of-n scored all four RMs in one annotator: after load_frozen_rm it scores as a fresh one does
+    pairs = [json.loads(x) for x in (tmp_path / "run" / "world" / "test_id.jsonl").read_text().splitlines()[:16]]
+    msgs, texts = [[{"role": "user", "content": r["prompt"]}] for r in pairs], [r["chosen"] for r in pairs]
+    cfg = load_config(spec["base"], spec["overrides"])
+    d_policy = hidden_size(base_model_dir(cfg))
+    first, second = rows["bt"][0]["checkpoints"][0], rows["smoothed"][1]["checkpoints"][0]
+    swapped, fresh = score([first, second], cfg, d_policy, msgs, texts), score([second], cfg, d_policy, msgs, texts)
+    torch.testing.assert_close(swapped[1], fresh[0], atol=1e-6, rtol=0)
+    assert (swapped[0] - swapped[1]).abs().max() > 1e-4  # the second RM really replaced the first
 
     # --report-only rebuilds the same section from the run directory, training nothing
     (tmp_path / "results.md").write_text("# Results\n\n<!-- tiny_rm:begin -->\nstale\n<!-- tiny_rm:end -->\n")

@@ -296,3 +296,28 @@ def test_lora_rm_stage_with_grm_sft(ray_session, tmp_path, tiny_model_dir):
         theirs = exported(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.squeeze()
         mine = ours(ids, torch.ones_like(ids)).rewards.squeeze()
     assert torch.allclose(theirs, mine, atol=1e-4)
+
+
+def test_load_split_reuses_an_unchanged_file_and_reads_a_changed_one(small_cfg, tiny_model_dir, world_paths, tmp_path):
+    """A comparison loads the same split for every RM: the second load is the first's rows (with the
+    world's truth columns), its skip report in the second run's summary too; a file rewritten since
+    is read again."""
+    from r2m_ray.models.registry import load_tokenizer
+    from r2m_ray.pipelines.rm_stage import TRUTH_COLUMNS, load_split
+    from r2m_ray.rundir import RunDir
+
+    src = tmp_path / "train.jsonl"
+    rows = world_paths["train"].read_text().splitlines()[:64]
+    src.write_text("\n".join(rows) + "\n")
+    tokenizer = load_tokenizer(tiny_model_dir)
+    runs = [RunDir(tmp_path / f"run{i}", small_cfg) for i in range(3)]
+    first = load_split(str(src), small_cfg, "train", tokenizer, runs[0], small_cfg.world)
+    again = load_split(str(src), small_cfg, "train", tokenizer, runs[1], small_cfg.world)
+    assert again is first and set(TRUTH_COLUMNS) <= set(first.column_names)  # from memory, not re-read
+    assert runs[1].summary["data"]["train"] == runs[0].summary["data"]["train"]
+    assert runs[1].summary["data"]["train"]["n_out"] == len(first)
+    src.write_text("\n".join(rows[:-1]) + "\n")  # one pair fewer
+    changed = load_split(str(src), small_cfg, "train", tokenizer, runs[2], small_cfg.world)
+    assert len(changed) == len(first) - 1 and runs[2].summary["data"]["train"]["n_in"] == len(rows) - 1
+    for run in runs:
+        run.close()

@@ -70,8 +70,7 @@ class RewardAnnotator:
 
         In `remote` mode `rm_checkpoint` is unused: `remote_token` opens the server given by the config.
         """
-        from r2m_ray.models.registry import actor_device, load_tokenizer
-        from r2m_ray.models.reward_model import RewardModel
+        from r2m_ray.models.registry import actor_device
 
         torch.set_num_threads(torch_threads)
         self.cfg = parse_reward_config(cfg_json)
@@ -91,17 +90,30 @@ class RewardAnnotator:
 
             self.external = FunctionReward(self.cfg.function.path or "", self.cfg.function.kwargs)
             return
-        ckpt = Path(rm_checkpoint)
         self.device = actor_device()
+        self.seed, self.max_length, self.batch_size, self.d_policy = seed, max_length, batch_size, d_policy
+        self._load_rm(Path(rm_checkpoint))
+
+    def _load_rm(self, ckpt: Path) -> None:
+        from r2m_ray.models.registry import load_tokenizer
+        from r2m_ray.models.reward_model import RewardModel
+
         self.rm = RewardModel.from_pretrained(ckpt).eval().to(self.device)
         self.rm.requires_grad_(False)
         self.tokenizer = load_tokenizer(rm_tokenizer_dir(ckpt))
         self.pad_id = pad_token_id(self.tokenizer)
         r2m = self.cfg.r2m
-        self.head = R2MHead(self.rm.value_head, self.rm.hidden_size, d_policy, r2m.d_attn, r2m.n_heads, seed)
+        self.head = R2MHead(self.rm.value_head, self.rm.hidden_size, self.d_policy, r2m.d_attn, r2m.n_heads, self.seed)
         self.head.requires_grad_(False)  # annotators only ever score
         self.head.to(self.device)
-        self.seed, self.max_length, self.batch_size = seed, max_length, batch_size
+
+    def load_frozen_rm(self, rm_checkpoint: str) -> None:
+        """Score with another frozen RM from now on (frozen mode only): best-of-n in a comparison
+        scores one set of samples with every RM in one actor instead of starting one per RM."""
+        if self.cfg.mode != "frozen":
+            raise ValueError(f"load_frozen_rm: only a frozen-mode annotator changes its RM (mode={self.cfg.mode})")
+        self._load_rm(Path(rm_checkpoint))
+        self.cache.clear()  # the RTEs were the old backbone's
 
     # ------------------------------------------------------------------ RTE
 

@@ -62,13 +62,19 @@ class Samples:
     seconds: dict[str, float]
 
 
-def score(rm_dir: str, cfg: RunConfig, d_policy: int, msgs: list, texts: list[str]) -> torch.Tensor:
-    """One frozen RM's rewards for every (prompt, response), in a short-lived annotator actor."""
+def score(rm_dirs: list[str], cfg: RunConfig, d_policy: int, msgs: list, texts: list[str]) -> list[torch.Tensor]:
+    """Each frozen RM's rewards for every (prompt, response), one RM after another in one short-lived
+    annotator actor (an actor start costs more than scoring a few thousand samples)."""
     annotator = RewardAnnotator.options(num_cpus=cfg.rl.reward.num_cpus_per_annotator).remote(
-        rm_dir, RewardConfig(mode="frozen").model_dump_json(), d_policy, cfg.data.max_length, cfg.seed
+        rm_dirs[0], RewardConfig(mode="frozen").model_dump_json(), d_policy, cfg.data.max_length, cfg.seed
     )
     try:
-        return ray.get(annotator.frozen_rm_rewards.remote(msgs, texts))
+        rewards = []
+        for i, rm_dir in enumerate(rm_dirs):
+            if i:
+                ray.get(annotator.load_frozen_rm.remote(rm_dir))
+            rewards.append(ray.get(annotator.frozen_rm_rewards.remote(msgs, texts)))
+        return rewards
     finally:
         ray.kill(annotator)
 
@@ -150,9 +156,10 @@ def run_best_of_n(cfg: RunConfig, run: RunDir, policy_dir: Path, world_paths: di
 
     # 3. score every sample: the picking RM, the judge, the gold reward (world prompts only)
     tick = time.perf_counter()
-    scores = {"proxy": score(rm_dir, cfg, s.d_policy, s.msgs, s.texts).view(P, N)}
+    rewards = score([rm_dir, judge_dir] if judge_dir else [rm_dir], cfg, s.d_policy, s.msgs, s.texts)
+    scores = {"proxy": rewards[0].view(P, N)}
     if judge_dir:
-        scores["judge"] = score(judge_dir, cfg, s.d_policy, s.msgs, s.texts).view(P, N)
+        scores["judge"] = rewards[1].view(P, N)
     if s.gold is not None:
         scores["gold"] = s.gold
     seconds["score"] = time.perf_counter() - tick

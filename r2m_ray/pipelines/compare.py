@@ -217,7 +217,7 @@ def tradeoff_figure(rows: dict[str, list[dict[str, Any]]], pairing: dict[str, st
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
     ax.set_xlabel("ID accuracy (%)")
     ax.set_ylabel("OOD gold accuracy (%)")
-    ax.set_title("learning the bias (right) against generalising (up)", fontsize=9)
+    ax.set_title("mean ± sd over seeds; squares: the references each variant is paired with", fontsize=8)
     return save_figure(fig, path)
 
 

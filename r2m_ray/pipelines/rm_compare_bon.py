@@ -43,13 +43,14 @@ def run_bon(
     P, N = s.lengths.shape
     values = {"gold": s.gold, "length": s.lengths}
     tick = time.perf_counter()
-    for name, runs in rows.items():
-        for run in runs:
-            # an ensemble picks by its members' mean reward, as rm.ensemble.reduce=mean scores
-            members = [score(c, cfg, s.d_policy, s.msgs, s.texts).double() for c in run["checkpoints"]]
-            proxy = torch.stack(members).mean(0).view(P, N)
-            run["bon"] = curves(proxy, values | {"proxy": proxy})
-            log.info("bon %s seed %s: gold %s", name, run.get("seed"), [round(g, 3) for g in run["bon"]["gold"]])
+    runs = [(name, run) for name, rs in rows.items() for run in rs]
+    rewards = iter(score([c for _, run in runs for c in run["checkpoints"]], cfg, s.d_policy, s.msgs, s.texts))
+    for name, run in runs:
+        # an ensemble picks by its members' mean reward, as rm.ensemble.reduce=mean scores
+        members = [next(rewards).double() for _ in run["checkpoints"]]
+        proxy = torch.stack(members).mean(0).view(P, N)
+        run["bon"] = curves(proxy, values | {"proxy": proxy})
+        log.info("bon %s seed %s: gold %s", name, run.get("seed"), [round(g, 3) for g in run["bon"]["gold"]])
     return {
         "prompts": P,
         "samples_per_prompt": N,

@@ -68,7 +68,17 @@ def load_split(
     """Load + tokenise one preference source; its skip report goes to the summary.
 
     `world`: the source is this synthetic world's; its exact prompt-free gold gap and planted
-    feature gap of every pair come along as the columns of TRUTH_COLUMNS (world/prompt_free_truth.py)."""
+    feature gap of every pair come along as the columns of TRUTH_COLUMNS (world/prompt_free_truth.py).
+
+    A comparison trains many RMs on the same files in one process: a file already loaded with the
+    same tokenizer and settings, unchanged since (size and mtime), is taken from memory; its skip
+    report still goes to this run's summary."""
+    memo = _split_key(source, cfg, split, tokenizer, world)
+    if memo is not None and memo in _SPLITS:
+        ds, report = _SPLITS[memo]
+        report.log()
+        run.update_summary("data", {split: report.to_dict()})
+        return ds
     data = load_preferences(source, cfg.data, split=split)
     if world is not None:
         ds = data.dataset
@@ -82,7 +92,25 @@ def load_split(
     run.update_summary("data", {split: tokenized.report.to_dict()})
     if len(tokenized.dataset) == 0:
         raise ValueError(f"data.{split}: no usable preference pairs in {source} (see the skip report above)")
+    if memo is not None:
+        while len(_SPLITS) >= 8:  # a comparison uses 3 splits; keep memory bounded for long-lived drivers
+            del _SPLITS[next(iter(_SPLITS))]
+        _SPLITS[memo] = (tokenized.dataset, tokenized.report)
     return tokenized.dataset
+
+
+_SPLITS: dict[tuple, tuple[Dataset, Any]] = {}  # load_split's memory: key → (tokenised pairs, skip report)
+
+
+def _split_key(source: str, cfg: RunConfig, split: str, tokenizer: Any, world: WorldConfig | None) -> tuple | None:
+    """What load_split's result depends on, for a local file (None: another kind of source, not kept)."""
+    path = Path(source)
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    settings = cfg.data.model_dump_json(), world.model_dump_json() if world else None
+    vocab = tokenizer.name_or_path, len(tokenizer), getattr(tokenizer, "chat_template", None)
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns, split, vocab, settings
 
 
 def load_hashed_split(source: str, cfg: RunConfig, tokenizer: Any, run: RunDir) -> tuple[Dataset, Dataset]:
