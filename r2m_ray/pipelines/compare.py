@@ -103,12 +103,13 @@ def load_spec(path: Path) -> CompareSpec:
     return spec.model_copy(update={"base": str(base)})
 
 
-def _fmt(values: list[float]) -> str:
+def mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    """ "mean ± sample std" of values × scale (accuracies in %, by default); "–" for none."""
     if not values:
         return "–"
-    mean = statistics.fmean(values) * 100
-    std = statistics.stdev(values) * 100 if len(values) > 1 else 0.0
-    return f"{mean:.1f} ± {std:.1f}"
+    mean = statistics.fmean(values) * scale
+    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 PAIRED_RM = [("ID acc", "accuracy", "id"), ("OOD acc", "accuracy", "ood"), ("OOD gold acc", "gold_accuracy", "ood")]
@@ -136,8 +137,8 @@ def results_table(
 
     for name, runs in rows.items():
         lines.append(
-            f"| {name} | {_fmt(get(runs, 'accuracy', 'id'))} | {_fmt(get(runs, 'accuracy', 'ood'))} | "
-            f"{_fmt(get(runs, 'gold_accuracy', 'id'))} | {_fmt(get(runs, 'gold_accuracy', 'ood'))} | "
+            f"| {name} | {mean_std(get(runs, 'accuracy', 'id'))} | {mean_std(get(runs, 'accuracy', 'ood'))} | "
+            f"{mean_std(get(runs, 'gold_accuracy', 'id'))} | {mean_std(get(runs, 'gold_accuracy', 'ood'))} | "
             f"{seconds(runs)} | {len(runs)} |"
         )
     validated = {n: [r["delta_r2_validation"] for r in runs if "delta_r2_validation" in r] for n, runs in rows.items()}
@@ -205,13 +206,14 @@ def tradeoff_figure(rows: dict[str, list[dict[str, Any]]], pairing: dict[str, st
         sx, sy = (statistics.stdev(v) if len(v) > 1 else 0.0 for v in (x, y))
         return statistics.fmean(x), statistics.fmean(y), sx, sy
 
-    usable = {n: runs for n, runs in rows.items() if runs and all("ood" in r.get("gold_accuracy", {}) for r in runs)}
+    points = {
+        n: point(runs) for n, runs in rows.items() if runs and all("ood" in r.get("gold_accuracy", {}) for r in runs)
+    }
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    refs = sorted({pairing.get(n, n) for n in usable} & set(usable), key=lambda n: point(usable[n])[0])
+    refs = sorted({pairing.get(n, n) for n in points} & set(points), key=lambda n: points[n][0])
     if len(refs) > 1:
-        ax.plot([point(usable[n])[0] for n in refs], [point(usable[n])[1] for n in refs], "k-", lw=0.8, alpha=0.5)
-    for name, runs in usable.items():
-        x, y, sx, sy = point(runs)
+        ax.plot([points[n][0] for n in refs], [points[n][1] for n in refs], "k-", lw=0.8, alpha=0.5)
+    for name, (x, y, sx, sy) in points.items():
         is_ref = pairing.get(name, name) == name
         ax.errorbar(x, y, xerr=sx, yerr=sy, fmt="s" if is_ref else "o", color="k" if is_ref else None, capsize=2)
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)

@@ -27,6 +27,7 @@ from r2m_ray.config import ConfigError, RunConfig
 from r2m_ray.eval.plots import save_figure
 from r2m_ray.eval.rl_report import paired_cell, paired_difference
 from r2m_ray.pipelines.bon_eval import curves, draw_samples, score
+from r2m_ray.pipelines.compare import mean_std
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,6 @@ def run_bon(
     }
 
 
-def _mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.3f} ± {std:.3f}"
-
-
 def bon_table(rows: dict[str, list[dict[str, Any]]], pairing: dict[str, str], bon: dict[str, Any]) -> str:
     """Markdown: gold of each RM's best of n (mean ± std over seeds) at n = 1, 4, N, the n where its
     gold peaks, its pick's length; the controls; then paired differences to each variant's reference."""
@@ -90,9 +86,9 @@ def bon_table(rows: dict[str, list[dict[str, Any]]], pairing: dict[str, str], bo
         if not got:
             continue
         peak = statistics.median(grid[int(np.argmax(b["gold"]))] for b in got)
+        gold = [mean_std([b["gold"][i] for b in got], 1.0, 3) for i in (0, i4, -1)]
         lines.append(
-            f"| {name} | {_mean_std([b['gold'][0] for b in got])} | {_mean_std([b['gold'][i4] for b in got])} | "
-            f"{_mean_std([b['gold'][-1] for b in got])} | {peak:g} | "
+            f"| {name} | {' | '.join(gold)} | {peak:g} | "
             f"{statistics.fmean(b['length'][-1] for b in got):.1f} | {len(got)} |"
         )
     others = [n for n in rows if pairing.get(n, n) != n and any("bon" in r for r in rows[n])]
