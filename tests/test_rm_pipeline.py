@@ -321,3 +321,40 @@ def test_load_split_reuses_an_unchanged_file_and_reads_a_changed_one(small_cfg, 
     assert len(changed) == len(first) - 1 and runs[2].summary["data"]["train"]["n_in"] == len(rows) - 1
     for run in runs:
         run.close()
+
+
+def test_kept_learner_ranks_train_the_same_rm_as_new_ranks(ray_session, tmp_path, tiny_model_dir, world_paths):
+    """A comparison trains RM after RM in kept learner ranks (keep_learners): a seed trained there
+    after another RM comes out with the very weights new ranks give it; the ranks were reused
+    (2 DeepSpeed ranks: the process group outlives the engine) and are shut down after the block."""
+    from r2m_ray.pipelines.rm_stage import _KEPT, keep_learners, run_rm_stage
+    from r2m_ray.rundir import RunDir
+
+    def train(seed: int, name: str) -> dict:
+        cfg = _cfg(tmp_path, "stages=[rm]", "rm.max_steps=6", "rm.deepspeed.ranks=2", f"seed={seed}")
+        run = RunDir.create(cfg, tmp_path / name, "force")
+        summary = run_rm_stage(cfg, run, tiny_model_dir, world_paths)
+        run.close()
+        return summary
+
+    fresh = train(3, "fresh")
+    assert not _KEPT  # outside a block the ranks end with their RM
+    with keep_learners():
+        other = train(4, "other")
+        again = train(3, "again")
+        assert len(_KEPT) == 1
+        kept = next(iter(_KEPT.values()))
+    assert not _KEPT and (fresh["learner_reused"], other["learner_reused"], again["learner_reused"]) == (
+        False,
+        False,
+        True,
+    )
+    import ray
+
+    with pytest.raises(ray.exceptions.RayActorError):  # shut down when the block ended
+        ray.get(kept.actors[0].address.remote(), timeout=60)
+    weights = [load_tensors(Path(s["checkpoints"][0])) for s in (fresh, again, other)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert any(not torch.equal(weights[0][k], weights[2][k]) for k in weights[0])  # another seed: other weights
+    assert fresh["accuracy"] == again["accuracy"]

@@ -70,18 +70,31 @@ class RMLearner(LearnerRank):
     """One rank: RewardModel + DeepSpeed engine; trains on the slices it is handed."""
 
     def init(self, cfg_json: str, model_dir: str, rendezvous: str, seed: int) -> dict[str, Any]:
-        """Build the model (same seed on every rank) and the DeepSpeed engine."""
+        """Join the process group, then build the model (same seed on every rank) and the DeepSpeed engine."""
+        from r2m_ray.config import RMConfig as _RM
+
+        backend = _RM.model_validate(json.loads(cfg_json)["rm"]).deepspeed.backend
+        self.backend = init_distributed(self.rank, self.world_size, rendezvous, backend)
+        return self.build(cfg_json, model_dir, seed)
+
+    def build(self, cfg_json: str, model_dir: str, seed: int) -> dict[str, Any]:
+        """A new model and DeepSpeed engine in this process, its process group kept: a group kept
+        between the RMs of a comparison trains the next one without a new process (~10 s each).
+        The seed is set before anything is drawn, so the model is the one a fresh rank would build."""
+        import gc
+
         import deepspeed
 
         from r2m_ray.config import RMConfig as _RM
         from r2m_ray.models.config import ModelConfig
         from r2m_ray.models.reward_model import RewardModel
 
+        self.engine = self.optimizer = self.scheduler = None  # the previous model's memory goes first
+        gc.collect()
         payload = json.loads(cfg_json)
         self.cfg = _RM.model_validate(payload["rm"])
         self.zero3 = self.cfg.deepspeed.zero_stage == 3
         model_cfg = ModelConfig.model_validate(payload["model"])
-        backend = init_distributed(self.rank, self.world_size, rendezvous, self.cfg.deepspeed.backend)
         torch.manual_seed(seed)
         model = RewardModel.from_backbone_dir(
             Path(model_dir),
@@ -111,7 +124,7 @@ class RMLearner(LearnerRank):
                 self.cfg.deepspeed.zero_stage, self.cfg.optim.grad_clip, micro, self.cfg.deepspeed.bf16
             ),
         )
-        return {"rank": self.rank, "backend": backend, "trainable_params": sum(p.numel() for p in params)}
+        return {"rank": self.rank, "backend": self.backend, "trainable_params": sum(p.numel() for p in params)}
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimiser step on this rank's slice; gradients are averaged by DeepSpeed."""
@@ -177,11 +190,34 @@ class RMLearnerGroup(LearnerGroup):
             (ds.num_cpus_per_rank, ds.num_gpus_per_rank),
             ds.torch_threads,
             (cfg_json, str(model_dir), seed),
-            deadlines={
-                "start": ("rm.startup_timeout_s", rm.startup_timeout_s),
-                "call": ("rm.wait_timeout_s", rm.wait_timeout_s),
-            },
+            deadlines=self._deadlines(rm),
         )
+        self.rm = rm
+
+    @staticmethod
+    def _deadlines(rm: RMConfig) -> dict[str, tuple[str, float]]:
+        return {
+            "start": ("rm.startup_timeout_s", rm.startup_timeout_s),
+            "call": ("rm.wait_timeout_s", rm.wait_timeout_s),
+        }
+
+    def shape(self) -> tuple:
+        """What a kept group must match to train another RM (what `build` cannot change)."""
+        return self.shape_of(self.rm)
+
+    @staticmethod
+    def shape_of(rm: RMConfig) -> tuple:
+        ds = rm.deepspeed
+        return ds.ranks, ds.zero_stage, ds.backend, ds.num_cpus_per_rank, ds.num_gpus_per_rank, ds.torch_threads
+
+    def rebuild(self, cfg_json: str, rm: RMConfig, model_dir: Path, seed: int) -> None:
+        """Train another RM with these ranks: every rank builds a new model and engine (same shape)."""
+        if self.shape_of(rm) != self.shape():
+            raise ValueError(f"rm.deepspeed {self.shape_of(rm)} differs from this group's {self.shape()}")
+        self.rm = rm
+        self.deadlines = self._deadlines(rm)
+        builds = [a.build.remote(cfg_json, str(model_dir), seed) for a in self.actors]
+        self.init_info = self._get(builds, "build (model load, DeepSpeed)", start=True)
 
     def train_step_async(self, batch: dict[str, torch.Tensor]) -> list[ray.ObjectRef]:
         """Start a step on every rank (rows split contiguously); returns their metric refs."""

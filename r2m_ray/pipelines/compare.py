@@ -274,7 +274,7 @@ def _run_rm_variants(
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any] | None, float]:
     """World and SFT once, then every (seed, variant)'s reward model; best-of-n with each if asked."""
     from r2m_ray.pipelines.full_run import base_model_dir, run_world
-    from r2m_ray.pipelines.rm_stage import run_rm_stage
+    from r2m_ray.pipelines.rm_stage import keep_learners, run_rm_stage
     from r2m_ray.pipelines.sft_stage import run_sft_stage
 
     t0 = time.perf_counter()
@@ -285,15 +285,16 @@ def _run_rm_variants(
         rm_init, _ = run_sft_stage(base_cfg, root, model_dir, world)
     init_ray(base_cfg.ray)
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in spec.variants}
-    for seed in spec.seeds:
-        for name, ovr in spec.variants.items():
-            cfg = load_config(spec.base, spec.overrides + ovr + [f"seed={seed}", f"rm.method={name}"])
-            sub = RunDir.create(cfg, root.path / f"{name}-seed{seed}", "force")
-            summary = run_rm_stage(cfg, sub, rm_init, world)
-            sub.close()
-            rows[name].append({**summary, "seed": seed})
-            log.info("compare %s seed %d done", name, seed)
-            atomic_write_text(root.path / "compare.json", json.dumps(rows, indent=2, default=float))
+    with keep_learners():  # every RM is trained in the same learner ranks (a new model each time)
+        for seed in spec.seeds:
+            for name, ovr in spec.variants.items():
+                cfg = load_config(spec.base, spec.overrides + ovr + [f"seed={seed}", f"rm.method={name}"])
+                sub = RunDir.create(cfg, root.path / f"{name}-seed{seed}", "force")
+                summary = run_rm_stage(cfg, sub, rm_init, world)
+                sub.close()
+                rows[name].append({**summary, "seed": seed})
+                log.info("compare %s seed %d done", name, seed)
+                atomic_write_text(root.path / "compare.json", json.dumps(rows, indent=2, default=float))
     bon = None
     if spec.bon:
         from r2m_ray.pipelines.rm_compare_bon import run_bon

@@ -2,7 +2,8 @@
 
 1. load + tokenise train / eval pairs (skips counted and logged);
 2. `dpo` only: reference log-probs from the ReferenceActor, cached on disk;
-3. per ensemble member: start the RMLearner group (DeepSpeed ranks) and, if
+3. per ensemble member: start the RMLearner group (DeepSpeed ranks; within
+   `keep_learners()` the previous member's ranks build the new model instead) and, if
    enabled, the Prioritizer; loop: score the NEXT batch on the prioritiser while
    the learners train on this one; refresh the prioritiser every refresh_every.
    Every wait has a deadline (rm.wait_timeout_s, rm.startup_timeout_s); a hung or
@@ -19,6 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +136,46 @@ def load_hashed_split(source: str, cfg: RunConfig, tokenizer: Any, run: RunDir) 
     return parts["train"], parts["test"]
 
 
+_KEPT: dict[tuple, RMLearnerGroup] = {}  # learner groups kept for the next RM, by RMLearnerGroup.shape
+_KEEPING = [0]  # how many keep_learners() blocks are open
+
+
+@contextmanager
+def keep_learners() -> Iterator[None]:
+    """Within this block a member's learner group is kept when it finishes, and the next member
+    of the same rm.deepspeed shape is built in its ranks (a new model and engine, the same
+    processes and process group) instead of new ranks: ~10 s of process start and DeepSpeed
+    set-up saved per RM of a comparison. The weights equal a fresh group's (tested). Blocks nest;
+    leaving the outermost shuts the kept groups down."""
+    _KEEPING[0] += 1
+    try:
+        yield
+    finally:
+        _KEEPING[0] -= 1
+        if _KEEPING[0] == 0:
+            release_learners()
+
+
+def release_learners() -> None:
+    """Shut down every kept learner group (their CPUs go back to Ray)."""
+    while _KEPT:
+        _KEPT.popitem()[1].shutdown()
+
+
+def learner_group(cfg_json: str, rm: RMConfig, model_dir: Path, seed: int) -> tuple[RMLearnerGroup, bool]:
+    """The member's learner group: a kept one of its shape rebuilt, else new ranks; and whether kept."""
+    group = _KEPT.pop(RMLearnerGroup.shape_of(rm), None)
+    release_learners()  # ranks of another shape must not hold CPUs this group needs
+    if group is None:
+        return RMLearnerGroup(cfg_json, rm, model_dir, seed), False
+    try:
+        group.rebuild(cfg_json, rm, model_dir, seed)
+    except BaseException:
+        group.shutdown()  # a dead or hung kept rank: the member's attempt is lost, the next gets new ranks
+        raise
+    return group, True
+
+
 def add_reference_logprobs(
     ds: Dataset, model_dir: Path, pad_id: int, cache_dir: Path, chunk: int = 64, rm: RMConfig | None = None
 ) -> Dataset:
@@ -147,6 +189,7 @@ def add_reference_logprobs(
         cached = Dataset.from_parquet(str(cache))
         log.info("reference log-probs from cache %s", cache)
     else:
+        release_learners()  # kept idle ranks must not hold the CPUs the reference actor needs
         ref = ReferenceActor.remote(str(model_dir), pad_id)
         futures = []
         for start in range(0, len(ds), chunk):
@@ -232,8 +275,10 @@ def _train_member_once(cfg: RunConfig, run: RunDir, train: Dataset, model_dir: P
     steps = min(steps, rm.max_steps) if rm.max_steps else steps
     if steps < 1:
         raise ValueError(f"rm.batch_size={rm.batch_size} is larger than the {len(train)} training pairs")
-    group = RMLearnerGroup(cfg_json, rm, model_dir, seed)
-    prio, bar = None, tqdm(total=steps, desc=f"rm member {member}", leave=False)
+    t_group = time.perf_counter()
+    group, reused = learner_group(cfg_json, rm, model_dir, seed)
+    t_group = time.perf_counter() - t_group
+    prio, bar, kept = None, tqdm(total=steps, desc=f"rm member {member}", leave=False), False
     try:
         collate = PreferenceCollator(pad_token_id=pad_id, padding_side="right")
         stream = index_stream(len(train), seed)
@@ -311,12 +356,21 @@ def _train_member_once(cfg: RunConfig, run: RunDir, train: Dataset, model_dir: P
         elapsed = time.perf_counter() - t_start
         ckpt = run.path / "checkpoints" / f"rm-{member}"
         group.save(ckpt, tokenizer_dir=model_dir)
+        if _KEEPING[0]:
+            _KEPT[group.shape()], kept = group, True
     finally:  # a lost or failed attempt must not hold its CPUs into the next one
         bar.close()  # (an open bar would leave its line under the error message)
         if prio:
             ray.kill(prio)
-        group.shutdown()
-    summary = {"pairs_per_second": steps * rm.batch_size / elapsed, "steps": steps, "train_seconds": elapsed}
+        if not kept:
+            group.shutdown()
+    summary = {
+        "pairs_per_second": steps * rm.batch_size / elapsed,
+        "steps": steps,
+        "train_seconds": elapsed,
+        "learner_start_seconds": t_group,  # new ranks, or a kept group's rebuild (learner_reused)
+        "learner_reused": reused,
+    }
     checked = [h for h in history if "delta_r2_corr_free_gold" in h]
     if checked:  # the mean over the prioritised steps of Δr2's correlation with the world's truth
         summary["delta_r2_validation"] = {
@@ -376,7 +430,8 @@ def run_rm_stage(cfg: RunConfig, run: RunDir, model_dir: Path, world_paths: dict
     if cfg.rm.grm.regulariser == "dpo":
         cache = Path(cfg.model.cache_dir).expanduser() / "ref_cache"
         train = add_reference_logprobs(train, model_dir, pad_id, cache, rm=cfg.rm)
-    ckpts = [train_member(cfg, run, train, model_dir, pad_id, m) for m in range(cfg.rm.ensemble)]
+    with keep_learners():  # an ensemble's members train in the same ranks, one after another
+        ckpts = [train_member(cfg, run, train, model_dir, pad_id, m) for m in range(cfg.rm.ensemble)]
     results = evaluate(cfg, run, ckpts, evals, pad_id)
     exports = []
     if cfg.rm.export_hf:  # AutoModelForSequenceClassification dirs (linear head: no remote code)
