@@ -141,3 +141,41 @@ def test_group_reference_pairs_each_variant_with_its_own_group():
     assert "its group's reference (`GROUP/bt`)" in table
     with pytest.raises(ValidationError, match="has no n6000/bt"):
         CompareSpec(base="x.yaml", variants={"n500/bt": [], "n6000/grm": []}, group_reference="bt")
+
+
+def test_a_grid_spec_expands_into_paired_variants():
+    """`grid:` is a factorial sweep: every combination of the axes' levels is a variant named
+    label/label/…, with the levels' overrides in axis order, paired with its cell's BT. The two
+    shipped full-grid specs expand to 104 variants whose configs all load."""
+    from pydantic import ValidationError
+
+    from r2m_ray.pipelines.compare import CompareSpec, load_spec
+
+    axes = {"n": {"n500": ["rm.train_pairs=500"], "nall": []}, "m": {"bt": [], "grm": ["rm.grm.alpha=0.3"]}}
+    spec = CompareSpec(base="x.yaml", variants={"extra": ["seed=9"]}, grid=axes)
+    assert spec.variants == {
+        "extra": ["seed=9"],
+        "n500/bt": ["rm.train_pairs=500"],
+        "n500/grm": ["rm.train_pairs=500", "rm.grm.alpha=0.3"],
+        "nall/bt": [],
+        "nall/grm": ["rm.grm.alpha=0.3"],
+    }
+    assert CompareSpec(base="x.yaml", grid=axes, group_reference="bt").pairing()["nall/grm"] == "nall/bt"
+    with pytest.raises(ValidationError, match="also named under variants"):
+        CompareSpec(base="x.yaml", variants={"a/b": []}, grid={"x": {"a": []}, "y": {"b": []}})
+    with pytest.raises(ValidationError, match="without '/'"):
+        CompareSpec(base="x.yaml", grid={"x": {"a/b": []}})
+    with pytest.raises(ValidationError, match="variants: none given"):
+        CompareSpec(base="x.yaml")
+    for world in ("length", "phrase"):
+        path = ROOT / "jobs" / f"grm_grid_{world}.yaml"
+        grid = load_spec(path)
+        assert len(grid.variants) == 4 * 2 * 13 and grid.bon
+        pairing = grid.pairing()
+        assert pairing["n1000/e3/grm_dpo_noref_a0.3_b0.1"] == "n1000/e3/bt"
+        cfg = load_config(grid.base, grid.overrides + grid.variants["n1000/e3/grm_dpo_noref_a0.3_b0.1"])
+        assert (cfg.rm.train_pairs, cfg.rm.epochs, cfg.rm.grm.regulariser) == (1000, 3, "dpo_noref")
+        assert (cfg.rm.grm.alpha, cfg.rm.grm.beta) == (0.3, 0.1)
+        assert (cfg.world.bias.kind == "phrase") == (world == "phrase")
+        for overrides in grid.variants.values():  # every variant's config is valid before hours of training
+            load_config(grid.base, grid.overrides + overrides)

@@ -11,6 +11,7 @@ seeds (rl_compare.py).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -37,7 +38,11 @@ class CompareSpec(Section):
     base: str
     overrides: list[str] = []
     seeds: list[int] = Field(default=[0, 1, 2], min_length=1)
-    variants: dict[str, list[str]]
+    variants: dict[str, list[str]] = {}
+    # a factorial sweep: axes in order, each {level label: overrides}; every combination is a
+    # variant named "label1/label2/…" (after `variants`), its overrides the levels' in axis order.
+    # With the method axis last and group_reference, each method is paired with its cell's BT.
+    grid: dict[str, dict[str, list[str]]] = {}
     output: str = "docs/results.md"
     section: str = "rm_compare"
     # RL arms (rl_compare.py): the keys set to each seed, the reward models trained per seed
@@ -59,6 +64,10 @@ class CompareSpec(Section):
 
     @model_validator(mode="after")
     def _names_exist(self) -> CompareSpec:
+        if self.grid:
+            self._expand_grid()
+        if not self.variants:
+            raise ValueError("variants: none given (name them under variants, or a grid)")
         for arm, rm in self.arm_reward_model.items():
             if arm not in self.variants:
                 raise ValueError(f"arm_reward_model: {arm!r} is not a variant")
@@ -82,6 +91,24 @@ class CompareSpec(Section):
                         "to be paired with (name variants GROUP/METHOD)"
                     )
         return self
+
+    def _expand_grid(self) -> None:
+        """Add one variant per combination of the grid's levels (a spec is validated once)."""
+        for axis, levels in self.grid.items():
+            if not levels:
+                raise ValueError(f"grid.{axis}: no levels")
+            bad = [label for label in levels if not label or "/" in label]
+            if bad:
+                raise ValueError(f"grid.{axis}: level labels {bad} must be non-empty and without '/'")
+        variants = dict(self.variants)
+        for combo in itertools.product(*(levels.items() for levels in self.grid.values())):
+            name = "/".join(label for label, _ in combo)
+            if name in variants:
+                raise ValueError(f"grid: variant {name!r} is also named under variants")
+            variants[name] = [o for _, overrides in combo for o in overrides]
+        # validate_assignment would run this validator again: set the field without it
+        object.__setattr__(self, "variants", variants)
+        object.__setattr__(self, "grid", {})
 
     def pairing(self) -> dict[str, str]:
         """Each variant's paired reference (the variant itself for a reference)."""
