@@ -353,7 +353,12 @@ def test_kept_learner_ranks_train_the_same_rm_as_new_ranks(ray_session, tmp_path
 
     with pytest.raises(ray.exceptions.RayActorError):  # shut down when the block ended
         ray.get(kept.actors[0].address.remote(), timeout=60)
-    weights = [load_tensors(Path(s["checkpoints"][0])) for s in (fresh, again, other)]
+
+    def all_weights(ckpt: Path) -> dict[str, torch.Tensor]:  # value head + backbone (its own subdirectory)
+        return {**load_tensors(ckpt), **{f"backbone.{k}": v for k, v in load_tensors(ckpt / "backbone").items()}}
+
+    weights = [all_weights(Path(s["checkpoints"][0])) for s in (fresh, again, other)]
+    assert any(k.startswith("backbone.") for k in weights[0])
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert any(not torch.equal(weights[0][k], weights[2][k]) for k in weights[0])  # another seed: other weights
