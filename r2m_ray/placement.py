@@ -109,12 +109,17 @@ def actor_nodes(actors: list[Any]) -> list[str]:
     return ray.get([a.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()) for a in actors])
 
 
+def _where(self: Any) -> dict[str, Any]:
+    import os
+
+    return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+
+def actor_processes_async(actors: list[Any]) -> list[ray.ObjectRef]:
+    """Refs to each actor's node id and pid (a caller bounds the wait)."""
+    return [a.__ray_call__.remote(_where) for a in actors]
+
+
 def actor_processes(actors: list[Any]) -> list[dict[str, Any]]:
     """Node id and pid of each actor (written to the run dir's actors.json)."""
-
-    def where(self: Any) -> dict[str, Any]:
-        import os
-
-        return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
-
-    return ray.get([a.__ray_call__.remote(where) for a in actors])
+    return ray.get(actor_processes_async(actors))

@@ -1,4 +1,11 @@
-"""Shared fixtures: a real in-process Ray on loopback, a small world, a tiny model."""
+"""Shared fixtures: a real in-process Ray on loopback, a small world, a tiny model, and what the
+tests train once per session (an SFT policy, a BT reward model, a short R2M run), with the tiers.
+
+Tiers (tests/README.md): a test that uses a Ray-backed fixture, or is marked `slow`, is in the
+full tier only; every other test is in `make test-fast`, where it may start no Ray cluster (and so
+no DeepSpeed rank and no vLLM engine, which only run in Ray actors): the `fast_tier_guard` below
+makes such a start an error naming the test.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,34 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
+MODEL_CACHE_ENV = "R2M_TEST_MODEL_CACHE"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One tiny-model cache for the session and the subprocesses it starts (they inherit the
+    variable): the tiny preset is keyed by its corpus, so tests of one world build it once."""
+    if MODEL_CACHE_ENV not in os.environ:
+        import tempfile
+
+        os.environ[MODEL_CACHE_ENV] = tempfile.mkdtemp(prefix="r2m-test-models-")
+        config.stash[_OWN_CACHE] = Path(os.environ[MODEL_CACHE_ENV])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    own = config.stash.get(_OWN_CACHE, None)
+    if own is not None:
+        import shutil
+
+        shutil.rmtree(own, ignore_errors=True)
+        os.environ.pop(MODEL_CACHE_ENV, None)
+
+
+_OWN_CACHE = pytest.StashKey[Path]()
+
+
+def model_cache(tmp: Path) -> Path:
+    """The session's tiny-model cache (tmp/models when run outside pytest, e.g. a script by hand)."""
+    return Path(os.environ.get(MODEL_CACHE_ENV, tmp / "models"))
 
 # A world small enough that a test trains on it in seconds.
 SMALL_WORLD = [
@@ -63,7 +98,7 @@ def small_overrides(tmp: Path) -> list[str]:
         + SMALL_RL
         + [
             f"output_dir={tmp}",
-            f"model.cache_dir={tmp / 'models'}",
+            f"model.cache_dir={model_cache(tmp)}",
             "sft.epochs=1",
             "sft.eval_prompts=32",
             "rm.batch_size=16",
@@ -71,6 +106,32 @@ def small_overrides(tmp: Path) -> list[str]:
             "rm.eval_batch_size=64",
         ]
     )
+
+
+# Fixtures that start Ray actors (or need what they trained): a test using one is in the slow tier.
+RAY_FIXTURES = {"ray_session", "trained", "rl_run"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def fast_tier_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test outside the slow tier must not start Ray (hence no DeepSpeed rank, no vLLM engine):
+    ray.init raises, naming the test, and `ray.is_initialized()` is False, as it is in a fast-tier
+    session, so the test behaves the same in `make test` and `make test-fast`."""
+    if request.node.get_closest_marker("slow"):
+        return
+    import ray
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(f"{request.node.nodeid} starts Ray but is not marked slow (tests/README.md: tiers)")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ import pytest
 from safetensors.torch import save_file
 
 from r2m_ray.cli import main
+from tests.conftest import model_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = str(ROOT / "jobs" / "quickstart.yaml")
@@ -98,7 +99,7 @@ def test_config_file_with_a_yaml_syntax_error(capsys, tmp_path):
 
 
 def small(tmp_path: Path) -> list[str]:
-    return [f"output_dir={tmp_path / 'runs'}", f"model.cache_dir={tmp_path / 'models'}"]
+    return [f"output_dir={tmp_path / 'runs'}", f"model.cache_dir={model_cache(tmp_path)}"]
 
 
 def rm_on(tmp_path: Path, train: Path, *extra: str) -> list[str]:

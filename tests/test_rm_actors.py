@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 
 import pytest
 import ray
@@ -178,17 +179,21 @@ def _is_loopback(ip: str) -> bool:
 
 
 def test_ray_listens_on_loopback_only(ray_session):
+    """Every socket that this session's own Ray listens on is on loopback: the processes walked are
+    the descendants of this pytest process (the in-process head: gcs_server, raylet, its workers
+    and the actors the tests started), never the rest of the machine."""
     import psutil
 
-    ray_procs = ("raylet", "gcs_server", "ray::", "python", "dashboard", "RuntimeEnv")
-    bad = []
-    for conn in psutil.net_connections(kind="inet"):
-        if conn.status != psutil.CONN_LISTEN or conn.pid is None:
-            continue
+    listening, bad = set(), []
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
         try:
-            name = " ".join(psutil.Process(conn.pid).cmdline())[:200]
+            conns, name = proc.net_connections(kind="inet"), proc.name()
         except psutil.Error:
-            continue
-        if "ray" in name and any(p in name for p in ray_procs) and not _is_loopback(conn.laddr.ip):
-            bad.append((conn.laddr, name[:80]))
+            continue  # exited between the walk and the look
+        for conn in conns:
+            if conn.status == psutil.CONN_LISTEN:
+                listening.add(name)
+                if not _is_loopback(conn.laddr.ip):
+                    bad.append((conn.laddr, name))
+    assert {"gcs_server", "raylet"} <= listening, f"this session's Ray was not found listening: {listening}"
     assert not bad, f"Ray sockets not on loopback: {bad}"

@@ -119,12 +119,20 @@ def test_parse_task_round_trips_every_prompt(default_small: tuple[WorldConfig, d
 
 # ---------------------------------------------------------------- splits
 def test_same_seed_same_world_different_seed_different() -> None:
+    """Built twice from scratch (the process's memo bypassed, so the second build cannot be the
+    first's object), the same config gives the same rows; another seed other rows."""
+    from r2m_ray.world.build import _build_world
+
     cfg = WorldConfig(splits={"sft": 40, "train": 60, "test_id": 30, "test_ood": 30, "rl_prompts": 20})
-    first, again = build_world(cfg), build_world(cfg.model_copy(deep=True))
+    first = _build_world.__wrapped__(cfg.model_dump_json())
+    again = _build_world.__wrapped__(cfg.model_copy(deep=True).model_dump_json())
     other = build_world(cfg.model_copy(update={"seed": 1}))
+    assert all(first[split] is not again[split] for split in first)
     for split in first:
         assert first[split].to_dict() == again[split].to_dict(), split
         assert first[split].to_dict() != other[split].to_dict(), split
+    memo = build_world(cfg)  # the memo hands out the same rows, in a dict of the caller's own
+    assert memo is not build_world(cfg) and all(memo[s].to_dict() == first[s].to_dict() for s in first)
 
 
 def test_split_schemas_and_sizes(default_small: tuple[WorldConfig, dict[str, Dataset]]) -> None:

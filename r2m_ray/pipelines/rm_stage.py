@@ -46,6 +46,7 @@ from r2m_ray.eval.rm_accuracy import accuracy_report, score_pairs
 from r2m_ray.models.registry import load_tokenizer
 from r2m_ray.models.reward_model import RewardModel
 from r2m_ray.pipelines.preflight import check_sequence_fits
+from r2m_ray.placement import actor_processes_async
 from r2m_ray.pipelines.waits import ActorLost, get_all, get_one
 from r2m_ray.ray_setup import check_demands, init_ray
 from r2m_ray.run_inputs import sha256_path
@@ -262,6 +263,16 @@ def train_member(cfg: RunConfig, run: RunDir, train: Dataset, model_dir: Path, p
     raise AssertionError("unreachable")
 
 
+def record_actors(run: RunDir, member: int, group: RMLearnerGroup, prio: Any, rm: RMConfig) -> None:
+    """actors.json: node and pid of the member's learner ranks (and prioritiser), rewritten by every
+    attempt, so an operator (or a test) can find the processes of the attempt that is running."""
+    roles = {"rm_learner": group.actors, **({"prioritizer": [prio]} if prio is not None else {})}
+    refs = {role: actor_processes_async(actors) for role, actors in roles.items()}
+    processes = {role: get_all(r, f"{role} (pid)", rm.startup_timeout_s, "rm.startup_timeout_s") for role, r in refs.items()}
+    record = {"stage": f"rm/member{member}", **processes}
+    atomic_write_text(run.path / "actors.json", json.dumps(record, indent=1) + "\n")
+
+
 def _train_member_once(cfg: RunConfig, run: RunDir, train: Dataset, model_dir: Path, pad_id: int, member: int) -> Path:
     rm = cfg.rm
     seed = cfg.seed + 1000 * member
@@ -297,6 +308,7 @@ def _train_member_once(cfg: RunConfig, run: RunDir, train: Dataset, model_dir: P
             )
             first = prio.refresh.remote(group.state_dict_ref(), 0)
             get_one(first, "prioritizer (start-up and first refresh)", rm.startup_timeout_s, "rm.startup_timeout_s")
+        record_actors(run, member, group, prio, rm)
         next_idx = take(stream, draw)
         next_scores = ask(1, next_idx)
         sample_gen = torch.Generator().manual_seed(seed + 1)

@@ -19,6 +19,8 @@ are deterministic and independent of each other's sizes.
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import math
 from collections.abc import Iterator
@@ -164,7 +166,17 @@ def _rl_prompt_split(cfg: WorldConfig, n: int) -> Dataset:
 
 
 def build_world(cfg: WorldConfig) -> dict[str, Dataset]:
-    """All five splits as in-memory datasets, deterministic in `cfg`."""
+    """All five splits as in-memory datasets, deterministic in `cfg`.
+
+    Built once per process and config: a run needs the world for its splits and again for the tiny
+    tokenizer's corpus (hashed for the cache key, then trained on), and a comparison for every
+    sub-run of the same world. The datasets are immutable; the dict is the caller's own copy."""
+    return dict(_build_world(cfg.model_dump_json()))
+
+
+@functools.lru_cache(maxsize=4)
+def _build_world(cfg_json: str) -> dict[str, Dataset]:
+    cfg = WorldConfig.model_validate_json(cfg_json)
     sizes = cfg.splits
     splits = {
         "sft": _sft_split(cfg, sizes.sft),
