@@ -26,11 +26,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/r2m-ray run jobs/quickstart.yaml
 
+# everything (what .ci/run calls); per-test timeouts in pyproject.toml and on the long tests
 test: setup
-	$(BIN)/python -m pytest -q --timeout=1200 --durations=25 tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
+# unit and small integration tests: no Ray, hence no DeepSpeed rank and no vLLM engine (tests/README.md)
 test-fast: setup
-	$(BIN)/python -m pytest -q --timeout=600 -m "not slow" tests
+	$(BIN)/python -m pytest -q --durations=10 -m "not slow" tests
 
 bench: setup
 	$(BIN)/r2m-ray bench rm jobs/quickstart.yaml --out docs/bench/bench_rm.json

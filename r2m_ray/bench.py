@@ -31,18 +31,24 @@ def write_bench_report(report: dict[str, Any], out: str | None, run: RunDir, def
 
 
 def rl_bench_models(cfg: RunConfig, run: RunDir) -> tuple[dict[str, Path], Path, Path]:
-    """(world files, policy, RM checkpoint) for an RL benchmark, built in `run`: the policy is the SFT
-    checkpoint when the config's stages include sft (the quickstart), else the base model (the smol
-    presets are instruction-tuned); the RM is trained from it by the config's rm stage."""
+    """(world files, policy, RM checkpoint) for an RL benchmark, built in `run`: the policy is
+    rl.policy_checkpoint when given, else the SFT checkpoint when the config's stages include sft
+    (the quickstart), else the base model (the smol presets are instruction-tuned); the RM is
+    rl.reward.checkpoint when given, else trained from the policy by the config's rm stage."""
     from r2m_ray.pipelines.full_run import base_model_dir, run_world
     from r2m_ray.pipelines.rm_stage import run_rm_stage
     from r2m_ray.pipelines.sft_stage import run_sft_stage
 
     world = run_world(cfg, run)
-    policy_dir = base_model_dir(cfg)
-    if "sft" in cfg.stages:
-        policy_dir, _ = run_sft_stage(cfg, run, policy_dir, world)
+    if cfg.rl.policy_checkpoint:
+        policy_dir = Path(cfg.rl.policy_checkpoint)
+    else:
+        policy_dir = base_model_dir(cfg)
+        if "sft" in cfg.stages:
+            policy_dir, _ = run_sft_stage(cfg, run, policy_dir, world)
     init_ray(cfg.ray)
+    if cfg.rl.reward.checkpoint:
+        return world, policy_dir, Path(cfg.rl.reward.checkpoint)
     return world, policy_dir, Path(run_rm_stage(cfg, run, policy_dir, world)["checkpoints"][0])
 
 

@@ -48,6 +48,7 @@ def model_cache(tmp: Path) -> Path:
     """The session's tiny-model cache (tmp/models when run outside pytest, e.g. a script by hand)."""
     return Path(os.environ.get(MODEL_CACHE_ENV, tmp / "models"))
 
+
 # A world small enough that a test trains on it in seconds.
 SMALL_WORLD = [
     "world.splits.sft=512",

@@ -1,7 +1,9 @@
 """A three-node local Ray cluster (ray.cluster_utils) running the small pipeline with placement.
 
 Run by tests/test_multinode.py in its own process (a Cluster needs its own ray.init):
-    python -m tests.multinode_job OUT_DIR
+    python -m tests.multinode_job OUT_DIR BASE_RUN
+BASE_RUN is a run directory holding checkpoints/sft and checkpoints/rm-0 (the test session's): the
+RL stage starts from them, so the cluster runs the stage whose roles are placed, nothing else.
 Prints one JSON line: the rl summary's placement (node id per actor, per role) and each
 node's custom resources, so the test can check where every role landed.
 """
@@ -18,7 +20,7 @@ from ray.cluster_utils import Cluster
 
 from r2m_ray.config import load_config
 from r2m_ray.pipelines.full_run import run_pipeline
-from tests.conftest import ROOT, small_overrides
+from tests.conftest import ROOT, rl_overrides
 
 PLACEMENT = [
     "rl.placement.enabled=true",
@@ -30,7 +32,7 @@ PLACEMENT = [
 ]
 
 
-def main(out: Path) -> None:
+def main(out: Path, base: Path) -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False  # every node on loopback, as in local runs
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     cluster.add_node(num_cpus=2, resources={"rollout_node": 2})
@@ -39,7 +41,7 @@ def main(out: Path) -> None:
     try:
         cfg = load_config(
             ROOT / "jobs" / "quickstart.yaml",
-            small_overrides(out) + ["rm.max_steps=10", f"ray.address={cluster.address}", *PLACEMENT],
+            rl_overrides(out, base, f"ray.address={cluster.address}", *PLACEMENT),
         )
         run = run_pipeline(cfg, run_dir=out / "run")
         summary = json.loads((run.path / "summary.json").read_text())["rl"]
@@ -52,4 +54,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]))

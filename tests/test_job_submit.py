@@ -64,6 +64,10 @@ def _unauthenticated_status(address: str) -> int | None:
         return None
 
 
+# Long by design: a Ray head of its own (the script's, on loopback with token auth) runs the whole
+# quickstart as a submitted job; it cannot share the session's Ray or trained checkpoints, because
+# what it tests is that start, that submission and that clean-up. Bounded below by SCRIPT_TIMEOUT_S.
+@pytest.mark.timeout(SCRIPT_TIMEOUT_S + 180)
 def test_submit_local_runs_quickstart_job_on_loopback_and_cleans_up(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     log_path = tmp_path / "submit.log"
@@ -110,6 +114,8 @@ def test_submit_local_runs_quickstart_job_on_loopback_and_cleans_up(tmp_path: Pa
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rl"]["steps"] == 2
     assert summary["stages"] == ["world", "sft", "rm", "rl"]
+    for key in ("accuracy", "pairs_per_second", "steps", "method", "sft", "world", "rl"):  # every stage reported
+        assert key in summary, key
 
     # Token authentication was on: the job API refused a request without the token.
     assert unauth_status == 401, f"unauthenticated GET /api/jobs/ returned {unauth_status}"

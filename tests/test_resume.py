@@ -25,7 +25,10 @@ from r2m_ray.cli import main
 from r2m_ray.pipelines.full_run import run_pipeline
 from tests.conftest import ROOT, rl_config, rl_overrides
 
-pytestmark = pytest.mark.slow
+# Long by design: each test kills or stops real actors (or the driver) mid-run and waits for the stage
+# restart and the resumed steps; the two uninterrupted references are module fixtures shared by the
+# tests, the SFT policy and RM are the session's. Budget: the first test also builds both references.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 RUN = ("rl.steps=4", "rl.checkpoint.every=2", "rl.reward.mode=r2m", "rl.policy.ranks=2", "rl.heldout_pairs=16")
 ASYNC = (*RUN, "rl.async.max_staleness=1")

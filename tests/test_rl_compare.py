@@ -12,7 +12,9 @@ from r2m_ray.cli import main
 from r2m_ray.eval.rl_report import paired_difference
 from tests.conftest import ROOT, small_overrides
 
-pytestmark = pytest.mark.slow
+# The first test also runs the module's comparison (2 seeds × world, SFT, two RMs and two arms): a
+# comparison trains its own per-seed models by design, which is what is tested.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")

@@ -6,25 +6,41 @@ batch = PreferenceCollator(tok.pad_token_id)(rows)         # padded tensors
 input_ids, attention_mask, response_mask = stack_pair_batch(batch)
 """
 
-from r2m_ray.data.collate import PreferenceCollator, SFTCollator, stack_pair_batch
-from r2m_ray.data.config import DataConfig
-from r2m_ray.data.preference import PreferenceData, load_preferences
-from r2m_ray.data.prompts import load_prompts
-from r2m_ray.data.report import BadRowError, SkipReport
-from r2m_ray.data.schemas import detect_schema, parse_transcript
-from r2m_ray.data.sft import load_sft
-from r2m_ray.data.sources import DataSourceError
-from r2m_ray.data.tokenize import (
-    EncodedSequence,
-    TokenizedPreferences,
-    encode_prompt,
-    encode_prompt_response,
-    pad_token_id,
-    render_prompt,
-    tokenize_preferences,
-    tokenize_prompts,
-    tokenize_sft,
-)
+import importlib
+from typing import Any
+
+# Lazy (PEP 562): an actor that needs one collator must not import `datasets` (~1 s a process).
+_EXPORTS = {
+    "BadRowError": "r2m_ray.data.report",
+    "DataConfig": "r2m_ray.data.config",
+    "DataSourceError": "r2m_ray.data.sources",
+    "EncodedSequence": "r2m_ray.data.tokenize",
+    "PreferenceCollator": "r2m_ray.data.collate",
+    "PreferenceData": "r2m_ray.data.preference",
+    "SFTCollator": "r2m_ray.data.collate",
+    "SkipReport": "r2m_ray.data.report",
+    "TokenizedPreferences": "r2m_ray.data.tokenize",
+    "detect_schema": "r2m_ray.data.schemas",
+    "encode_prompt": "r2m_ray.data.tokenize",
+    "encode_prompt_response": "r2m_ray.data.tokenize",
+    "load_preferences": "r2m_ray.data.preference",
+    "load_prompts": "r2m_ray.data.prompts",
+    "load_sft": "r2m_ray.data.sft",
+    "pad_token_id": "r2m_ray.data.tokenize",
+    "parse_transcript": "r2m_ray.data.schemas",
+    "render_prompt": "r2m_ray.data.tokenize",
+    "stack_pair_batch": "r2m_ray.data.collate",
+    "tokenize_preferences": "r2m_ray.data.tokenize",
+    "tokenize_prompts": "r2m_ray.data.tokenize",
+    "tokenize_sft": "r2m_ray.data.tokenize",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
 
 __all__ = [
     "BadRowError",

@@ -46,8 +46,8 @@ from r2m_ray.eval.rm_accuracy import accuracy_report, score_pairs
 from r2m_ray.models.registry import load_tokenizer
 from r2m_ray.models.reward_model import RewardModel
 from r2m_ray.pipelines.preflight import check_sequence_fits
-from r2m_ray.placement import actor_processes_async
 from r2m_ray.pipelines.waits import ActorLost, get_all, get_one
+from r2m_ray.placement import actor_processes_async
 from r2m_ray.ray_setup import check_demands, init_ray
 from r2m_ray.run_inputs import sha256_path
 from r2m_ray.rundir import RunDir
@@ -268,7 +268,8 @@ def record_actors(run: RunDir, member: int, group: RMLearnerGroup, prio: Any, rm
     attempt, so an operator (or a test) can find the processes of the attempt that is running."""
     roles = {"rm_learner": group.actors, **({"prioritizer": [prio]} if prio is not None else {})}
     refs = {role: actor_processes_async(actors) for role, actors in roles.items()}
-    processes = {role: get_all(r, f"{role} (pid)", rm.startup_timeout_s, "rm.startup_timeout_s") for role, r in refs.items()}
+    timeout, key = rm.startup_timeout_s, "rm.startup_timeout_s"
+    processes = {role: get_all(r, f"{role} (pid)", timeout, key) for role, r in refs.items()}
     record = {"stage": f"rm/member{member}", **processes}
     atomic_write_text(run.path / "actors.json", json.dumps(record, indent=1) + "\n")
 

@@ -20,7 +20,6 @@ are deterministic and independent of each other's sizes.
 from __future__ import annotations
 
 import functools
-
 import logging
 import math
 from collections.abc import Iterator
