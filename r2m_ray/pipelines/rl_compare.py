@@ -77,7 +77,7 @@ def rl_history(run_dir: Path) -> list[dict[str, Any]]:
 def prepare_seed(spec: Any, seed: int, root: Path) -> tuple[dict[str, Path], Path, dict[str, Path]]:
     """World, SFT policy and the named reward models of one seed (reused when already built)."""
     from r2m_ray.pipelines.full_run import base_model_dir, run_world
-    from r2m_ray.pipelines.rm_stage import run_rm_stage
+    from r2m_ray.pipelines.rm_stage import keep_learners, run_rm_stage
     from r2m_ray.pipelines.sft_stage import run_sft_stage
     from r2m_ray.ray_setup import init_ray
 
@@ -91,16 +91,17 @@ def prepare_seed(spec: Any, seed: int, root: Path) -> tuple[dict[str, Path], Pat
         sft_dir, _ = run_sft_stage(cfg, run, base_model_dir(cfg), world)
     init_ray(cfg.ray)
     rms: dict[str, Path] = {}
-    for name, overrides in spec.reward_models.items():
-        rm_cfg = load_config(spec.base, spec.overrides + overrides + seeded)
-        built = _reusable(run.path / f"rm-{name}", rm_cfg, (*PREP_KEYS, "rm."))
-        rm_run = RunDir.create(rm_cfg, run.path / f"rm-{name}", "reuse")
-        ckpt = rm_run.path / "checkpoints" / "rm-0"
-        if not (built and "checkpoints" in rm_run.summary):
-            rm_world = world if rm_cfg.world == cfg.world else run_world(rm_cfg, rm_run)
-            ckpt = Path(run_rm_stage(rm_cfg, rm_run, sft_dir, rm_world)["checkpoints"][0])
-        rms[name] = ckpt
-        rm_run.close()
+    with keep_learners():  # the seed's RMs train one after another in the same learner ranks
+        for name, overrides in spec.reward_models.items():
+            rm_cfg = load_config(spec.base, spec.overrides + overrides + seeded)
+            built = _reusable(run.path / f"rm-{name}", rm_cfg, (*PREP_KEYS, "rm."))
+            rm_run = RunDir.create(rm_cfg, run.path / f"rm-{name}", "reuse")
+            ckpt = rm_run.path / "checkpoints" / "rm-0"
+            if not (built and "checkpoints" in rm_run.summary):
+                rm_world = world if rm_cfg.world == cfg.world else run_world(rm_cfg, rm_run)
+                ckpt = Path(run_rm_stage(rm_cfg, rm_run, sft_dir, rm_world)["checkpoints"][0])
+            rms[name] = ckpt
+            rm_run.close()
     run.close()
     return world, sft_dir, rms
 
