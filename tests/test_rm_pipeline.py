@@ -13,7 +13,7 @@ import torch
 
 from r2m_ray.config import load_config
 from r2m_ray.pipelines.full_run import run_pipeline
-from tests.conftest import ROOT, SMALL_WORLD, model_cache, small_overrides
+from tests.conftest import ROOT, small_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -214,7 +214,7 @@ def test_cli_eval_export(ray_session, tmp_path):
 def test_cli_bad_input_is_one_clear_line(tmp_path, args, needle):
     """The `r2m-ray` process itself (its logging, its exit code): the small world and the session's
     tiny model, so a refusal after the world is built does not first build the default world."""
-    res = _cli(*args, f"output_dir={tmp_path}", *SMALL_WORLD, f"model.cache_dir={model_cache(tmp_path)}", cwd=tmp_path)
+    res = _cli(*args, *small_overrides(tmp_path), cwd=tmp_path)
     assert res.returncode == 2
     assert needle in res.stderr
     assert "Traceback" not in res.stderr
