@@ -158,6 +158,9 @@ def bench_peer_rl(
     trl_version = check_peer_installed()
     rl = cfg.rl.model_copy(deep=True)
     rl.reward.mode = "frozen"
+    # the RM is always trained here, with a linear head, so that TRL can load its export as a stock
+    # classifier; a given rl.reward.checkpoint (maybe an MLP head) is not used
+    rl.reward.checkpoint = None
     if rl.policy.algo != "grpo":
         raise ValueError("bench peer rl: compares GRPO (set rl.policy.algo=grpo)")
     model = cfg.model.model_copy(update={"value_head": "linear"})
