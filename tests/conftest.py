@@ -20,6 +20,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_CACHE_ENV = "R2M_TEST_MODEL_CACHE"
+_OWN_CACHE = pytest.StashKey[Path]()  # the cache this session made (and removes at its end)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -39,9 +40,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
         shutil.rmtree(own, ignore_errors=True)
         os.environ.pop(MODEL_CACHE_ENV, None)
-
-
-_OWN_CACHE = pytest.StashKey[Path]()
 
 
 def model_cache(tmp: Path) -> Path:

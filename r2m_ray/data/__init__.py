@@ -42,27 +42,4 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(_EXPORTS[name]), name)
 
 
-__all__ = [
-    "BadRowError",
-    "DataConfig",
-    "DataSourceError",
-    "EncodedSequence",
-    "PreferenceCollator",
-    "PreferenceData",
-    "SFTCollator",
-    "SkipReport",
-    "TokenizedPreferences",
-    "detect_schema",
-    "encode_prompt",
-    "encode_prompt_response",
-    "load_preferences",
-    "load_prompts",
-    "load_sft",
-    "pad_token_id",
-    "parse_transcript",
-    "render_prompt",
-    "stack_pair_batch",
-    "tokenize_preferences",
-    "tokenize_prompts",
-    "tokenize_sft",
-]
+__all__ = sorted(_EXPORTS)
